@@ -1,0 +1,406 @@
+"""Peer int8 engines, quantized on the same calibration data as qcast.
+
+(a) PyTorch FX PTQ   ``prepare_fx``/``convert_fx`` with ``get_default_qconfig_mapping("x86")`` (in process)
+(b) ONNX Runtime     fp32, and int8 via ``quant_pre_process`` + ``quantize_static`` (QDQ, activations
+                     QUInt8, weights QInt8 per channel, MinMax calibration)
+(c) OpenVINO         fp32 (``INFERENCE_PRECISION_HINT=f32``), its default float (bf16 where the CPU has
+                     it), and int8 via NNCF ``nncf.quantize`` on ``ov.convert_model(torch_model)``
+
+ONNX Runtime and OpenVINO are optional: they are imported lazily, and a missing package is reported
+as ``"not installed"``. Each of them is measured in its own subprocess (``run_peer_subprocess``) so that
+their thread pools don't tax torch's or each other's; inside that process its fp32 and int8 variants
+are timed interleaved. The subprocess entry point is ``python -m benchmarks.peers --worker ENGINE --job DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # allow `python benchmarks/peers.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (  # noqa: E402  (sets thread env vars before torch is imported)
+    BENCH_THREADS,
+    bn_warmup,
+    build_model,
+    file_size_mb,
+    flatten_outputs,
+    latency_stats_interleaved,
+    sqnr,
+    wait_for_quiet,
+)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PEER_PACKAGES = {
+    "fx": ["torch"],
+    "ort": ["onnxruntime", "onnx"],
+    "openvino": ["openvino", "nncf"],
+}
+
+
+def peer_versions(peer: str) -> Dict[str, str]:
+    """``{package: version or "not installed"}`` for the packages a peer needs (no heavy imports)."""
+    from importlib import metadata
+
+    out = {}
+    for pkg in PEER_PACKAGES[peer]:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def peer_missing(peer: str) -> Optional[str]:
+    """``None`` when a peer's packages are installed, else ``"not installed: pkg, ..."``."""
+    missing = [p for p, v in peer_versions(peer).items() if v == "not installed"]
+    return f"not installed: {', '.join(missing)}" if missing else None
+
+
+# ------------------------------------------------------------------------------------ (a) torch FX
+
+
+def fx_quantize(
+    model: torch.nn.Module,
+    calibration: Sequence[Tuple[Any, ...]],
+    example_args: Tuple[Any, ...],
+    engine: str = "x86",
+) -> Tuple[torch.nn.Module, float]:
+    """PyTorch FX graph-mode PTQ with the default qconfig mapping for ``engine``.
+
+    Returns ``(quantized_module, seconds)`` (prepare + calibration + convert). Works on a deep copy.
+    Sets ``torch.backends.quantized.engine = engine`` (the packed weights are made for that engine and
+    it has to stay set while the model runs).
+    """
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao deprecation notices
+        t0 = time.perf_counter()
+        m = copy.deepcopy(model).eval()
+        prepared = prepare_fx(m, get_default_qconfig_mapping(engine), example_args)
+        with torch.no_grad():
+            for args in calibration:
+                prepared(*args)
+        q = convert_fx(prepared)
+        seconds = time.perf_counter() - t0
+    return q, seconds
+
+
+# ----------------------------------------------------------------------------- (b) ONNX Runtime
+
+
+def export_onnx(model: torch.nn.Module, example_args: Tuple[Any, ...], path: str, opset: int = 17) -> Dict[str, Any]:
+    """Export ``model`` to ONNX with a dynamic batch dimension; returns names and the exporter used.
+
+    Uses the legacy TorchScript exporter (``dynamo=False``: still present in torch 2.13, needs no
+    onnxscript, takes dynamic_axes) and falls back to the torch.export-based one (needs onnxscript).
+    """
+    n_in = len(example_args)
+    with torch.no_grad():
+        n_out = len(flatten_outputs(model(*example_args)))
+    input_names = [f"input{i}" for i in range(n_in)]
+    output_names = [f"output{i}" for i in range(n_out)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                example_args,
+                path,
+                dynamo=False,
+                opset_version=opset,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes={n: {0: "batch"} for n in input_names + output_names},
+                do_constant_folding=True,
+            )
+        exporter = "torchscript (dynamo=False)"
+    except Exception as legacy_err:  # pragma: no cover - depends on the torch build
+        batch = torch.export.Dim("batch")
+        try:
+            torch.onnx.export(
+                model,
+                example_args,
+                path,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=tuple({0: batch} for _ in example_args),
+                external_data=False,
+            )
+        except Exception as dynamo_err:
+            raise RuntimeError(f"ONNX export failed: legacy: {legacy_err!r}; dynamo: {dynamo_err!r}")
+        exporter = "torch.export (dynamo=True)"
+    return {"input_names": input_names, "output_names": output_names, "exporter": exporter}
+
+
+def _to_numpy_feed(args: Tuple[Any, ...], input_names: Sequence[str]) -> Dict[str, np.ndarray]:
+    return {n: a.detach().cpu().numpy() for n, a in zip(input_names, args)}
+
+
+def ort_quantize_static(
+    fp32_path: str,
+    out_path: str,
+    calibration: Sequence[Tuple[Any, ...]],
+    input_names: Sequence[str],
+    per_channel: bool = True,
+) -> float:
+    """ONNX Runtime static int8 (x86 recipe: QDQ, U8 activations, S8 per-channel weights, MinMax).
+
+    Runs ``shape_inference.quant_pre_process`` first (as ORT's docs recommend). Returns seconds.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    feeds = [_to_numpy_feed(a, input_names) for a in calibration]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self):
+            self._it = iter(feeds)
+
+    t0 = time.perf_counter()
+    pre_path = out_path + ".pre.onnx"
+    quant_pre_process(fp32_path, pre_path)
+    quantize_static(
+        pre_path,
+        out_path,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=per_channel,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    seconds = time.perf_counter() - t0
+    with contextlib.suppress(OSError):
+        os.remove(pre_path)
+    return seconds
+
+
+def ort_session(path: str, threads: int = BENCH_THREADS):
+    """An ``InferenceSession`` on CPU with ``threads`` intra-op threads, 1 inter-op, all optimizations."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------------- (c) OpenVINO
+
+
+def ov_convert(model: torch.nn.Module, example_args: Tuple[Any, ...]):
+    """``openvino.convert_model`` straight from the torch module (its PyTorch frontend)."""
+    import openvino as ov
+
+    ex = example_args[0] if len(example_args) == 1 else example_args
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ov.convert_model(copy.deepcopy(model).eval(), example_input=ex)
+
+
+def nncf_quantize(ov_model, calibration: Sequence[Tuple[Any, ...]]):
+    """NNCF post-training quantization (default preset) over the same calibration items."""
+    import nncf
+
+    items = [tuple(a.detach().cpu().numpy() for a in args) for args in calibration]
+    n_samples = sum(int(args[0].shape[0]) for args in calibration)
+    dataset = nncf.Dataset(items, lambda item: item[0] if len(item) == 1 else item)
+    return nncf.quantize(ov_model, dataset, subset_size=n_samples)
+
+
+def ov_compile(ov_model, shapes: Sequence[Sequence[int]], threads: int = BENCH_THREADS, precision: Optional[str] = None):
+    """Compile for CPU at static ``shapes`` (one per input), latency hint, ``threads`` threads.
+
+    ``precision``: ``"f32"`` forces true fp32; ``None`` keeps OpenVINO's default (bf16 on CPUs with
+    avx512_bf16/AMX, f32 otherwise).
+    """
+    import openvino as ov
+
+    m = ov_model.clone()
+    m.reshape({m.inputs[i]: ov.PartialShape(list(s)) for i, s in enumerate(shapes)})
+    cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if precision:
+        cfg["INFERENCE_PRECISION_HINT"] = precision
+    return ov.Core().compile_model(m, "CPU", cfg)
+
+
+def _ov_runner(compiled, args: Tuple[Any, ...]):
+    req = compiled.create_infer_request()
+    feed = [a.detach().cpu().numpy() for a in args]
+    outs = compiled.outputs
+
+    def run():
+        res = req.infer(feed)
+        return [res[o] for o in outs]
+
+    return run
+
+
+# ------------------------------------------------------------------------------ worker processes
+
+
+def _load_job(job_dir: str):
+    with open(os.path.join(job_dir, "job.json")) as f:
+        job = json.load(f)
+    data = torch.load(os.path.join(job_dir, "data.pt"), weights_only=True)
+    model, _input_fn, _src = build_model(job["model"], job["source"])
+    model.load_state_dict(torch.load(os.path.join(job_dir, "state_dict.pt"), weights_only=True))
+    model.eval()
+    return job, data, model
+
+
+def _worker_ort(job_dir: str) -> Dict[str, Any]:
+    job, data, model = _load_job(job_dir)
+    import onnxruntime as ort
+
+    res: Dict[str, Any] = {"versions": {"onnxruntime": ort.__version__, **peer_versions("ort")}}
+    fp32_path = os.path.join(job_dir, "model_fp32.onnx")
+    int8_path = os.path.join(job_dir, "model_int8.onnx")
+    t0 = time.perf_counter()
+    info = export_onnx(model, data["eval"], fp32_path)
+    res["export_s"] = time.perf_counter() - t0
+    res["exporter"] = info["exporter"]
+    res["quantize_s"] = ort_quantize_static(fp32_path, int8_path, data["calib"], info["input_names"])
+    res["size_mb"] = {"fp32": file_size_mb(fp32_path), "int8": file_size_mb(int8_path)}
+    sessions = {"fp32": ort_session(fp32_path, job["threads"]), "int8": ort_session(int8_path, job["threads"])}
+    feed = _to_numpy_feed(data["eval"], info["input_names"])
+    res["sqnr"] = {k: sqnr(data["ref"], s.run(None, feed)) for k, s in sessions.items()}
+    res["latency"] = {}
+    for b, args in data["bench"].items():
+        fb = _to_numpy_feed(args, info["input_names"])
+        fns = {k: (lambda s=s: s.run(None, fb)) for k, s in sessions.items()}
+        wait_for_quiet(job.get("wait_quiet", 0.0))
+        res["latency"][str(b)] = latency_stats_interleaved(fns, n=job["n"], warmup=job["warmup"])
+    return res
+
+
+def _worker_openvino(job_dir: str) -> Dict[str, Any]:
+    job, data, model = _load_job(job_dir)
+    import openvino as ov
+    import nncf  # noqa: F401
+
+    res: Dict[str, Any] = {"versions": {"openvino": ov.get_version(), **peer_versions("openvino")}}
+    t0 = time.perf_counter()
+    fp32_model = ov_convert(model, data["eval"])
+    t1 = time.perf_counter()
+    int8_model = nncf_quantize(fp32_model, data["calib"])
+    t2 = time.perf_counter()
+    res["convert_s"] = t1 - t0
+    res["quantize_s"] = t2 - t0  # convert + nncf.quantize: the whole torch -> int8 path
+    res["nncf_s"] = t2 - t1
+    sizes = {}
+    for k, m in (("fp32", fp32_model), ("int8", int8_model)):
+        xml = os.path.join(job_dir, f"ov_{k}.xml")
+        ov.save_model(m, xml, compress_to_fp16=False)
+        sizes[k] = file_size_mb([xml, xml[:-4] + ".bin"])
+    res["size_mb"] = sizes
+    variants = {"fp32": (fp32_model, "f32"), "float_default": (fp32_model, None), "int8": (int8_model, None)}
+    eval_shapes = [tuple(a.shape) for a in data["eval"]]
+    res["sqnr"] = {}
+    for k, (m, prec) in variants.items():
+        out = _ov_runner(ov_compile(m, eval_shapes, job["threads"], prec), data["eval"])()
+        res["sqnr"][k] = sqnr(data["ref"], out)
+    prec = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    res["float_default_precision"] = prec.to_string() if hasattr(prec, "to_string") else str(prec)
+    res["latency"] = {}
+    for b, args in data["bench"].items():
+        shapes = [tuple(a.shape) for a in args]
+        fns = {k: _ov_runner(ov_compile(m, shapes, job["threads"], prec), args) for k, (m, prec) in variants.items()}
+        wait_for_quiet(job.get("wait_quiet", 0.0))
+        res["latency"][str(b)] = latency_stats_interleaved(fns, n=job["n"], warmup=job["warmup"])
+    return res
+
+
+WORKERS = {"ort": _worker_ort, "openvino": _worker_openvino}
+
+
+def write_job(job_dir: str, model_name: str, source: str, model: torch.nn.Module, data: Dict[str, Any],
+              n: int, warmup: int, threads: int = BENCH_THREADS, wait_quiet: float = 0.0) -> None:
+    """Write what a peer worker needs: the model's state_dict, inputs/reference outputs, settings."""
+    os.makedirs(job_dir, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(job_dir, "state_dict.pt"))
+    torch.save(data, os.path.join(job_dir, "data.pt"))
+    with open(os.path.join(job_dir, "job.json"), "w") as f:
+        json.dump({"model": model_name, "source": source, "n": n, "warmup": warmup, "threads": threads,
+                   "wait_quiet": wait_quiet}, f)
+
+
+def run_peer_subprocess(engine: str, job_dir: str, timeout: float = 1800) -> Dict[str, Any]:
+    """Run one peer worker in a fresh Python process; returns its result dict (``status`` says how)."""
+    missing = peer_missing(engine)
+    if missing:
+        return {"status": missing}
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "QCAST_BENCH_THREADS"):
+        env[var] = str(BENCH_THREADS)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "benchmarks.peers", "--worker", engine, "--job", job_dir]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"error: timed out after {timeout:.0f}s"}
+    out_path = os.path.join(job_dir, f"result_{engine}.json")
+    if proc.returncode != 0 or not os.path.exists(out_path):
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-6:]
+        return {"status": f"error: exit {proc.returncode}: " + " | ".join(tail)}
+    with open(out_path) as f:
+        return json.load(f)
+
+
+def _worker_main(engine: str, job_dir: str) -> int:
+    out_path = os.path.join(job_dir, f"result_{engine}.json")
+    try:
+        res = WORKERS[engine](job_dir)
+        res["status"] = "ok"
+    except ImportError as e:
+        res = {"status": f"not installed: {e.name or e}"}
+    except Exception as e:
+        traceback.print_exc()
+        res = {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    with open(out_path, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="peer engine worker (used by benchmarks/run.py)")
+    p.add_argument("--worker", choices=sorted(WORKERS), required=True)
+    p.add_argument("--job", required=True, help="job directory written by write_job()")
+    a = p.parse_args()
+    sys.exit(_worker_main(a.worker, a.job))

@@ -1,0 +1,412 @@
+"""Latency / size / fidelity of qcast against torch fp32 and peer int8 engines.
+
+    python benchmarks/run.py --models resnet18,resnet50,mobilenet_v2,blazeface --batch 1,8 \
+        --peers fx,ort,openvino --calib 32 --out docs/benchmarks.md
+
+Method (see docs/benchmarks.md for the figures):
+* every engine is calibrated on the same ``--calib`` random samples (batches of ``--calib-batch``)
+  drawn from the model's ``example_input_fn``; fidelity is the SQNR (dB) of each engine's output
+  against the torch fp32 output on ``--eval-samples`` held-out samples (worst output leaf);
+* torch fp32, qcast and PyTorch FX run in this process and are timed interleaved (round-robin each
+  iteration, medians of ``--n``); ONNX Runtime and OpenVINO each run in their own subprocess (their
+  thread pools would tax the others), each timing its fp32 and int8 variants interleaved;
+* everything runs on ``QCAST_BENCH_THREADS`` (default 2) threads;
+* sizes: float ``state_dict`` vs ``qcast.save`` file vs FX quantized ``state_dict`` vs the ONNX /
+  OpenVINO IR files; "quantize s" is the wall time from float module to int8 artifact (ORT: excluding
+  the ONNX export, reported separately in the JSON; OpenVINO: convert + nncf.quantize).
+
+Models come from ``tests.models.ZOO`` (``ZOO[name] = (factory, example_input_fn)``), or from
+``benchmarks/standin_models.py`` when the zoo lacks them (``--source standin`` forces that).
+``--no-qcast`` benchmarks the peers alone (qcast not needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+if __package__ in (None, ""):  # allow `python benchmarks/run.py` from anywhere
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (  # noqa: E402  (sets thread env vars before torch is imported)
+    BENCH_THREADS,
+    SOURCES,
+    bn_warmup,
+    build_model,
+    randomize_bn_stats,
+    file_size_mb,
+    latency_stats_interleaved,
+    machine_info,
+    make_input,
+    sqnr,
+    state_dict_bytes,
+    wait_for_quiet,
+)
+from benchmarks import peers as peers_mod  # noqa: E402
+
+import torch  # noqa: E402
+
+ALL_PEERS = ("fx", "ort", "openvino")
+BUSY_CORES = 0.2  # foreign load above which a timing is flagged
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _err(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"error: {type(e).__name__}: {first[:240]}"
+
+
+def import_qcast():
+    """``(module, None)`` or ``(None, reason)``."""
+    try:
+        import qcast  # noqa: F401
+
+        if not hasattr(qcast, "quantize"):
+            return None, "qcast has no quantize() yet"
+        return qcast, None
+    except Exception as e:
+        return None, f"qcast not importable ({type(e).__name__}: {e})"
+
+
+def qcast_explain_summary(qcast, qmodel) -> Optional[str]:
+    try:
+        rows = qcast.explain(qmodel)
+    except Exception:
+        return None
+    n_int8 = sum(1 for r in rows if getattr(r, "precision", None) == "int8")
+    return f"{n_int8}/{len(rows)} ops int8"
+
+
+def bench_model(name: str, args, qcast_mod, workdir: str) -> Dict[str, Any]:
+    res: Dict[str, Any] = {"model": name, "engines": {}}
+    model, input_fn, source = build_model(name, args.source, seed=0)
+    res["source"] = source
+    res["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    n_items = max(1, math.ceil(args.calib / args.calib_batch))
+    calib = [make_input(input_fn, args.calib_batch, seed=1000 + i) for i in range(n_items)]
+    res["bn_stats"] = args.bn_stats
+    if args.bn_stats == "random" and not randomize_bn_stats(model, seed=0):
+        res["bn_stats"] = "warmup"  # tests.models not importable: derive stats from data instead
+    if res["bn_stats"] == "warmup":
+        bn_warmup(model, [make_input(input_fn, 8, seed=5000 + i) for i in range(4)])
+    eval_args = make_input(input_fn, args.eval_samples, seed=99)
+    bench_args = {b: make_input(input_fn, b, seed=500 + b) for b in args.batches}
+    with torch.no_grad():
+        ref = model(*eval_args)
+    fp32_bytes = state_dict_bytes(model)
+    res["engines"]["fp32"] = {"status": "ok", "size_mb": fp32_bytes / 1e6}
+    log(f"[{name}] source={source} params={res['params_m']:.2f}M calib={n_items}x{args.calib_batch}")
+
+    runners: Dict[str, Any] = {}  # name -> callable(*args), timed interleaved in this process
+    runners["fp32"] = model
+
+    # ---- qcast
+    if args.no_qcast:
+        res["engines"]["qcast"] = {"status": "skipped (--no-qcast)"}
+    elif qcast_mod is None:
+        res["engines"]["qcast"] = {"status": args.qcast_missing}
+    else:
+        e: Dict[str, Any] = {}
+        try:
+            t0 = time.perf_counter()
+            qm = qcast_mod.quantize(model, calib)
+            e["quantize_s"] = time.perf_counter() - t0
+            with torch.no_grad():
+                e["sqnr"] = sqnr(ref, qm(*eval_args))
+            path = os.path.join(workdir, f"{name}.qcast")
+            try:
+                qcast_mod.save(qm, path)
+                e["size_mb"] = file_size_mb(path)
+            except Exception as se:
+                e["size_note"] = _err(se)
+            e["explain"] = qcast_explain_summary(qcast_mod, qm)
+            e["status"] = "ok"
+            runners["qcast"] = qm
+        except Exception as ex:
+            traceback.print_exc()
+            e["status"] = _err(ex)
+        res["engines"]["qcast"] = e
+        log(f"[{name}] qcast: {e.get('status')} {e.get('explain') or ''}")
+
+    # ---- PyTorch FX
+    if "fx" in args.peers:
+        e = {"versions": {"torch": torch.__version__}}
+        try:
+            qm, e["quantize_s"] = peers_mod.fx_quantize(model, calib, calib[0], engine=args.fx_engine)
+            with torch.no_grad():
+                e["sqnr"] = sqnr(ref, qm(*eval_args))
+            e["size_mb"] = state_dict_bytes(qm) / 1e6
+            e["engine"] = args.fx_engine
+            e["status"] = "ok"
+            runners["fx"] = qm
+        except Exception as ex:
+            traceback.print_exc()
+            e["status"] = _err(ex)
+        res["engines"]["fx"] = e
+        log(f"[{name}] fx: {e['status']}")
+
+    # ---- in-process latency, interleaved
+    res["latency"] = {}
+    for b, bargs in bench_args.items():
+        fns = {k: (lambda m=m, a=bargs: m(*a)) for k, m in runners.items()}
+        wait_for_quiet(args.wait_quiet)
+        stats = latency_stats_interleaved(fns, n=args.n, warmup=args.warmup)
+        res["latency"][str(b)] = stats
+        load = next(iter(stats.values()))["foreign_load"]
+        log(f"[{name}] batch {b}: " + ", ".join(f"{k} {v['median']:.2f} ms" for k, v in stats.items())
+            + f" (other processes: {load:.2f} cores)")
+
+    # ---- peers in their own processes
+    sub = [p for p in args.peers if p in ("ort", "openvino")]
+    if sub:
+        job_dir = os.path.join(workdir, f"job_{name}")
+        data = {"calib": calib, "eval": eval_args, "ref": ref, "bench": bench_args}
+        peers_mod.write_job(job_dir, name, source, model, data, n=args.n, warmup=args.warmup,
+                            wait_quiet=args.wait_quiet)
+        for p in sub:
+            t0 = time.perf_counter()
+            r = peers_mod.run_peer_subprocess(p, job_dir, timeout=args.peer_timeout)
+            log(f"[{name}] {p}: {r.get('status')} ({time.perf_counter() - t0:.0f}s)")
+            lat = r.pop("latency", {}) or {}
+            for b, stats in lat.items():
+                for variant, s in stats.items():
+                    res["latency"].setdefault(b, {})[f"{p}_{variant}"] = s
+            res["engines"][p] = r
+    return res
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+def _ms(stats: Dict[str, Any], key: str) -> Optional[float]:
+    s = stats.get(key)
+    return None if s is None else s["median"]
+
+
+def _fmt(x: Optional[float], nd: int = 2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return f"{x:.{nd}f}"
+
+
+def _with_speedup(ms: Optional[float], base: Optional[float]) -> str:
+    if ms is None:
+        return "—"
+    if base is None:
+        return _fmt(ms)
+    return f"{ms:.2f} ({base / ms:.1f}×)"
+
+
+LAT_COLS = [
+    # header, latency key, speedup vs torch fp32?
+    ("torch fp32", "fp32", False),
+    ("qcast int8", "qcast", True),
+    ("FX int8", "fx", True),
+    ("ORT fp32", "ort_fp32", False),
+    ("ORT int8", "ort_int8", True),
+    ("OV fp32", "openvino_fp32", False),
+    ("OV default float", "openvino_float_default", False),
+    ("OV int8", "openvino_int8", True),
+]
+
+ENGINE_COLS = [("qcast", "qcast"), ("FX", "fx"), ("ORT int8", "ort"), ("OV int8", "openvino")]
+
+
+def render_markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+    present = set()
+    for r in results:
+        for stats in r["latency"].values():
+            present.update(stats)
+    cols = [c for c in LAT_COLS if c[1] in present or c[1] in ("fp32", "qcast", "fx")]
+    L: List[str] = []
+    L.append("# qcast benchmarks\n")
+    L.append(
+        f"{meta['date']} · {meta['cpu']} ({meta['isa']}) · {meta['threads']} threads · torch {meta['torch']}"
+        + "".join(f" · {k} {v}" for k, v in meta["peer_versions"].items())
+        + "\n"
+    )
+    L.append(f"Command: `{meta['command']}`\n")
+    L.append(
+        "Latency: median ms of "
+        f"{meta['n']} interleaved runs ({meta['warmup']} warm-up); (N×) = speedup over torch fp32 eager. "
+        "torch fp32 / qcast / FX are timed interleaved in one process; ONNX Runtime and OpenVINO each in "
+        "their own process. OV default float is OpenVINO's default inference precision "
+        f"({meta.get('ov_default_precision') or 'see JSON'}).\n"
+    )
+    busy = False
+    L.append("| model | batch | " + " | ".join(h for h, _, _ in cols) + " |")
+    L.append("|---|---:|" + "---:|" * len(cols))
+    for r in results:
+        for b, stats in r["latency"].items():
+            base = _ms(stats, "fp32")
+            cells = []
+            for _, k, sp in cols:
+                c = _with_speedup(_ms(stats, k), base) if sp else _fmt(_ms(stats, k))
+                if k in stats and stats[k].get("foreign_load", 0) > BUSY_CORES:
+                    c += " †"
+                    busy = True
+                cells.append(c)
+            L.append(f"| {r['model']} | {b} | " + " | ".join(cells) + " |")
+    if busy:
+        L.append(f"\n† other processes kept more than {BUSY_CORES} cores busy while this was timed: "
+                 "the figure is unreliable (re-run on a quiet machine).")
+    L.append("")
+    L.append(
+        f"Fidelity: SQNR (dB, higher is better) of each int8 engine's output vs torch fp32 on "
+        f"{meta['eval_samples']} held-out random samples (worst output tensor); calibration: "
+        f"{meta['calib']} random samples, the same for every engine; models have random weights (seed 0), "
+        f"BatchNorm statistics: {meta['bn_stats']}. Sizes in MB: float = torch state_dict; "
+        "qcast = qcast.save file; FX = quantized state_dict; ORT = int8 .onnx; OV = int8 IR (.xml+.bin). "
+        "Quantize s = float module to int8 artifact (ORT excludes the ONNX export; OV includes convert_model).\n"
+    )
+    hdr = (["model", "params M"] + [f"SQNR {h}" for h, _ in ENGINE_COLS] + ["MB float"]
+           + [f"MB {h}" for h, _ in ENGINE_COLS] + [f"quantize s {h}" for h, _ in ENGINE_COLS])
+    L.append("| " + " | ".join(hdr) + " |")
+    L.append("|---|" + "---:|" * (len(hdr) - 1))
+    for r in results:
+        E = r["engines"]
+        row = [r["model"], _fmt(r["params_m"])]
+        for _, k in ENGINE_COLS:
+            e = E.get(k) or {}
+            q = e.get("sqnr")
+            if isinstance(q, dict):
+                q = q.get("int8")
+            row.append(_fmt(q, 1) if e.get("status") == "ok" else "—")
+        row.append(_fmt(E["fp32"]["size_mb"]))
+        for _, k in ENGINE_COLS:
+            e = E.get(k) or {}
+            size = e.get("size_mb")
+            if isinstance(size, dict):
+                size = size.get("int8")
+            row.append(_fmt(size) if e.get("status") == "ok" else "—")
+        for _, k in ENGINE_COLS:
+            e = E.get(k) or {}
+            row.append(_fmt(e.get("quantize_s"), 1) if e.get("status") == "ok" else "—")
+        L.append("| " + " | ".join(row) + " |")
+    L.append("")
+    notes = []
+    for r in results:
+        for k, e in r["engines"].items():
+            st = (e or {}).get("status", "ok")
+            if st != "ok":
+                notes.append(f"- {r['model']} / {k}: {st}")
+            elif k == "qcast" and e.get("explain"):
+                notes.append(f"- {r['model']} / qcast: {e['explain']}")
+        if r.get("source") != "full":
+            where = {"zoo": "tests.models.ZOO (the test suite's shrunken configuration)",
+                     "standin": "benchmarks/standin_models.py"}.get(r.get("source"), r.get("source"))
+            notes.append(f"- {r['model']}: model from {where}, not the real-size tests.models.FULL")
+    if notes:
+        L.append("Notes:\n")
+        L.extend(notes)
+        L.append("")
+    return "\n".join(L)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/run.py",
+        description="Latency, size and fidelity of qcast vs torch fp32, PyTorch FX, ONNX Runtime, OpenVINO.",
+    )
+    p.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,blazeface",
+                   help="comma-separated zoo names (default: %(default)s)")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes to time (default: %(default)s)")
+    p.add_argument("--peers", default="fx,ort,openvino",
+                   help="comma-separated subset of fx,ort,openvino; '' for none (default: %(default)s)")
+    p.add_argument("--calib", type=int, default=32, help="calibration samples (default: %(default)s)")
+    p.add_argument("--calib-batch", type=int, default=1, help="samples per calibration item (default: %(default)s)")
+    p.add_argument("--eval-samples", type=int, default=8, help="held-out samples for SQNR (default: %(default)s)")
+    p.add_argument("--n", type=int, default=30, help="timed runs per candidate (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs (default: %(default)s)")
+    p.add_argument("--out", default="docs/benchmarks.md", help="markdown output path (default: %(default)s)")
+    p.add_argument("--json", default=None, help="raw results JSON (default: OUT with .json)")
+    p.add_argument("--no-qcast", action="store_true", help="skip qcast (benchmark the peers only)")
+    p.add_argument("--source", choices=SOURCES, default="auto",
+                   help="tests.models FULL (real size) / ZOO (test size) / benchmarks stand-ins; auto = "
+                        "first that has the model (default: %(default)s)")
+    p.add_argument("--bn-stats", choices=("random", "warmup", "none"), default="random",
+                   help="BatchNorm statistics of the random-weight models: random = tests.models."
+                        "randomize_bn_stats (realistic, seeded), warmup = running stats from 4 random "
+                        "batches, none = as constructed (identity) (default: %(default)s)")
+    p.add_argument("--fx-engine", default="x86", help="torch quantized engine for FX (default: %(default)s)")
+    p.add_argument("--peer-timeout", type=float, default=1800, help="seconds per peer subprocess")
+    p.add_argument("--wait-quiet", type=float, default=60, metavar="S",
+                   help="before each timing block wait up to S seconds for other processes to go idle "
+                        "(default: %(default)s; timings under foreign load are flagged either way)")
+    p.add_argument("--keep-workdir", action="store_true", help="keep exported/quantized artifacts")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
+    bad = [x for x in args.peers if x not in ALL_PEERS]
+    if bad:
+        p.error(f"unknown peer(s) {bad}; choose from {','.join(ALL_PEERS)}")
+
+    qcast_mod = None
+    if not args.no_qcast:
+        qcast_mod, args.qcast_missing = import_qcast()
+        if qcast_mod is None:
+            log(f"warning: {args.qcast_missing}; continuing without it (use --no-qcast to silence)")
+
+    meta = machine_info()
+    meta.update(
+        date=datetime.datetime.now().strftime("%Y-%m-%d"),
+        command="python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        n=args.n, warmup=args.warmup, calib=args.calib, eval_samples=args.eval_samples, bn_stats=args.bn_stats,
+        python=platform.python_version(),
+        peer_versions={},
+    )
+    for peer in args.peers:
+        if peer == "fx":
+            continue
+        for pkg, v in peers_mod.peer_versions(peer).items():
+            meta["peer_versions"][pkg] = v
+
+    workdir = tempfile.mkdtemp(prefix="qcast_bench_")
+    results = []
+    try:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            try:
+                results.append(bench_model(name, args, qcast_mod, workdir))
+            except Exception as e:
+                traceback.print_exc()
+                log(f"[{name}] skipped: {_err(e)}")
+    finally:
+        if args.keep_workdir:
+            log(f"artifacts kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for r in results:
+        ov = r["engines"].get("openvino") or {}
+        if ov.get("float_default_precision"):
+            meta["ov_default_precision"] = ov["float_default_precision"]
+
+    md = render_markdown(results, meta)
+    print(md)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(md + "\n")
+        json_path = args.json or os.path.splitext(args.out)[0] + ".json"
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
+        log(f"wrote {args.out} and {json_path}")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""quantize(): the whole pipeline, readable top to bottom: prepare -> calibrate -> convert."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from .calibrate import calibrate
+from .config import QuantConfig
+from .convert import convert
+from .data import describe, iter_calls
+from .errors import CalibrationError, UnsupportedError
+from .prepare import as_config, prepare
+from .quantized import QuantizedModel
+
+
+def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | dict | None = None,
+             input_fn: Callable | None = None, num_batches: int | None = None, eval_fn: Callable | None = None,
+             max_drop: float | None = None, backend: str = "torch", progress: bool = True) -> QuantizedModel:
+    """Return an int8 copy of ``model`` calibrated on ``calibration_data``; ``model`` itself is untouched.
+
+    Calibration items: Tensor -> ``model(t)``; tuple/list -> ``model(*item)``; dict -> ``model(**item)``.
+    A single Tensor is one batch. ``input_fn`` maps each item (e.g. an ``(x, label)`` pair) to such an
+    input; ``num_batches`` caps how many are used.
+    """
+    if eval_fn is not None or max_drop is not None:
+        raise UnsupportedError("the accuracy-aware mode (eval_fn=, max_drop=) is not available in this version; "
+                               "quantize without it and inspect qcast.compare(model, qmodel, inputs)")
+    config = as_config(config)
+    if backend != config.backend:
+        config = config.replace(backend=backend)
+    calls = iter_calls(calibration_data, input_fn, num_batches)
+    first = next(calls, None)
+    if first is None:
+        raise CalibrationError("calibration_data yielded no batches: pass at least one input (e.g. 8-32 "
+                               "representative batches); a consumed generator yields nothing the second time")
+    args, kwargs = first
+    observed = prepare(model, kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args), config)
+    summary = calibrate(observed, _replay(first, calls), progress=progress)
+    qmodel = convert(observed, backend=backend)
+    qmodel.qcast_meta["example_input"] = describe(args, kwargs)
+    qmodel.qcast_meta["calibration_summary"] = summary
+    return qmodel
+
+
+def _replay(first, rest):
+    """Calls as items again (tuple of args, or dict of kwargs), first one included."""
+    for args, kwargs in itertools.chain([first], rest):
+        if kwargs and args:
+            raise CalibrationError("a calibration item mixing positional and keyword inputs is not supported: "
+                                   "use input_fn to return either a tuple or a dict")
+        yield kwargs if kwargs else args

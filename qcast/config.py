@@ -1,0 +1,154 @@
+"""QuantConfig: what to quantize and how, as a frozen dataclass with a JSON round-trip.
+
+Per-layer control is by module-path glob (``"layer4.*"``, ``"classifier"``) or op name
+(``"add"``, ``"linear"``) in ``skip`` (kept in float) and ``per_layer`` (overrides).
+Unknown keys are an error, never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ESTIMATORS = ("minmax", "ema", "percentile", "mse")
+WEIGHT_SCHEMES = ("int8",)
+ACTIVATION_SCHEMES = ("int8", "float")
+ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
+# keys a per_layer override may set
+OVERRIDE_KEYS = ("activation", "calibration", "engine")
+
+
+def _freeze_overrides(per_layer: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
+    out = {}
+    for glob, over in dict(per_layer).items():
+        if not isinstance(over, Mapping):
+            raise ConfigError(f"per_layer[{glob!r}] must be a mapping of overrides, got {type(over).__name__}")
+        unknown = set(over) - set(OVERRIDE_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"per_layer[{glob!r}] has unknown key(s) {sorted(unknown)}; allowed: {list(OVERRIDE_KEYS)}")
+        out[str(glob)] = MappingProxyType(dict(over))
+    return MappingProxyType(out)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How qcast quantizes a model.
+
+    Attributes:
+        skip: module-path globs or op names kept in float (e.g. ``["head.*", "softmax"]``).
+        weight: weight scheme; ``"int8"`` = per-channel symmetric int8.
+        activation: activation scheme; ``"int8"`` (static, calibrated) or ``"float"``.
+        calibration: range estimator for activations: ``minmax``, ``ema``, ``percentile``, ``mse``.
+        percentile: the percentile used by the ``percentile`` estimator.
+        engine: int8 engine for conv/linear: ``auto`` (chosen per layer, accuracy first), or a fixed one.
+        per_layer: mapping glob/op -> overrides of ``activation``, ``calibration``, ``engine``.
+        backend: who executes the quantized graph (``"torch"``; more backends are on the roadmap).
+    """
+
+    skip: tuple[str, ...] = ()
+    weight: str = "int8"
+    activation: str = "int8"
+    calibration: str = "mse"
+    percentile: float = 99.99
+    engine: str = "auto"
+    per_layer: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    backend: str = "torch"
+
+    def __post_init__(self):
+        if isinstance(self.skip, str):
+            raise ConfigError("QuantConfig.skip must be a list of globs/op names, not a single string: "
+                              f"use skip=[{self.skip!r}]")
+        object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
+        object.__setattr__(self, "per_layer", _freeze_overrides(self.per_layer))
+        self._check("weight", self.weight, WEIGHT_SCHEMES)
+        self._check("activation", self.activation, ACTIVATION_SCHEMES)
+        self._check("calibration", self.calibration, ESTIMATORS)
+        self._check("engine", self.engine, ENGINES)
+        for glob, over in self.per_layer.items():
+            for key, allowed in (("activation", ACTIVATION_SCHEMES), ("calibration", ESTIMATORS), ("engine", ENGINES)):
+                if key in over:
+                    self._check(f"per_layer[{glob!r}].{key}", over[key], allowed)
+        if not (50.0 < float(self.percentile) <= 100.0):
+            raise ConfigError(f"QuantConfig.percentile must be in (50, 100], got {self.percentile}")
+
+    @staticmethod
+    def _check(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            raise ConfigError(f"QuantConfig.{name}={value!r} is not one of {list(allowed)}")
+
+    # -- matching -----------------------------------------------------------------------------------
+    @staticmethod
+    def _matches(pattern: str, name: str, op: str, module_path: str) -> bool:
+        if pattern == op:
+            return True
+        return any(fnmatch.fnmatchcase(target, pattern) for target in {name, module_path} if target)
+
+    def skipped_by(self, name: str, op: str, module_path: str = "") -> str | None:
+        """The ``skip`` entry that keeps this op in float, or None."""
+        for pattern in self.skip:
+            if self._matches(pattern, name, op, module_path):
+                return pattern
+        return None
+
+    def setting(self, key: str, name: str, op: str, module_path: str = "") -> Any:
+        """The value of ``key`` for this op: the last matching per_layer override, else the global."""
+        value = getattr(self, key)
+        for pattern, over in self.per_layer.items():
+            if key in over and self._matches(pattern, name, op, module_path):
+                value = over[key]
+        return value
+
+    # -- JSON ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["skip"] = list(self.skip)
+        d["per_layer"] = {k: dict(v) for k, v in self.per_layer.items()}
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"QuantConfig data must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig key(s) {sorted(unknown)}; known keys: {sorted(known)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"QuantConfig JSON is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig key(s) {sorted(unknown)}; known keys: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "per_layer":
+                if v:
+                    parts.append(f"per_layer={ {k: dict(o) for k, o in v.items()} }")
+            elif f.name == "skip":
+                if v:
+                    parts.append(f"skip={list(v)}")
+            elif v != f.default:
+                parts.append(f"{f.name}={v!r}")
+        return "QuantConfig(" + ", ".join(parts) + ")"

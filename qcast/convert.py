@@ -1,0 +1,188 @@
+"""convert: calibrated observers -> QDQ graph (backend-independent) -> a backend lowers it to kernels."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .capture import op_of
+from .errors import NotCalibratedError, UnsupportedError
+from .kernels import backends
+from .nn import FusedConv
+from .observers import Observer, fake_quant_weight
+from .plan import Ctx, is_int8
+from .quantized import QDQ, OpInfo, QuantizedModel
+
+VERSION = 1
+
+
+def to_qdq(observed) -> fx.GraphModule:
+    """Replace each observer by a QDQ point with its params and fake-quantize int8 weights in place.
+
+    The result is the quantized graph: explicit quantize/dequantize points and params, independent of
+    who executes it, runnable in float as a simulation of the int8 model.
+    """
+    missing = [m.name for _, m in observed.observers() if not m.calibrated]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise NotCalibratedError(
+            f"{len(missing)} observer(s) saw no data: {shown}. Run qcast.calibrate(observed, data) with "
+            "representative inputs before qcast.convert(); layers your data never reaches can be kept in float "
+            "with QuantConfig(skip=[...]).")
+    gm = copy.deepcopy(observed.gm)
+    for node in gm.graph.nodes:
+        if "qcast_observes" in node.meta:
+            obs = gm.get_submodule(node.target)
+            setattr(gm, node.target, QDQ(obs.qparams(), obs.name))
+        elif is_int8(node) and node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            conv = mod.conv if isinstance(mod, FusedConv) else mod
+            if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                conv.weight.data = fake_quant_weight(conv.weight)
+    gm.recompile()
+    return gm
+
+
+def _qdq_params(gm: fx.GraphModule) -> dict:
+    """Output params of every int8-producing node (from the QDQ right after it)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if "qcast_observes" in node.meta:
+            out[node.meta["qcast_observes"]] = gm.get_submodule(node.target).qparams
+    return out
+
+
+def _match_nodes(gm: fx.GraphModule) -> None:
+    """deepcopy of a GraphModule renews nodes; re-link 'qcast_observes' by name."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for n in gm.graph.nodes:
+        src = n.meta.get("qcast_observes")
+        if src is not None:
+            n.meta["qcast_observes"] = by_name[src.name]
+
+
+def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
+    """Lower the QDQ graph to PyTorch int8 kernels: quantized tensors between int8 ops, float elsewhere."""
+    _match_nodes(qdq)
+    qparams = _qdq_params(qdq)
+    ctx = Ctx(qdq, config, qparams)
+    graph = fx.Graph()
+    root: dict[str, object] = {}
+    env_f: dict[fx.Node, fx.Node] = {}
+    env_q: dict[fx.Node, fx.Node] = {}
+
+    def F(n):  # float value of n in the new graph
+        if n in env_f:
+            return env_f[n]
+        if n in env_q:
+            with graph.inserting_after(env_q[n]):
+                d = graph.call_method("dequantize", (env_q[n],))
+            env_f[n] = d
+            return d
+        raise KeyError(n)
+
+    def Q(n):
+        return env_q[n]
+
+    def float_arg(a):
+        return F(a) if isinstance(a, fx.Node) else a
+
+    for n in qdq.graph.nodes:
+        plan = Ctx.plan(n)
+        if n.op == "output":
+            graph.output(fx.map_arg(n.args[0], F))
+        elif "qcast_observes" in n.meta:
+            v = n.args[0]
+            qp = qdq.get_submodule(n.target).qparams
+            if v in env_q:
+                env_q[n] = env_q[v]
+                if v in env_f:
+                    env_f[n] = env_f[v]
+            else:
+                env_f[n] = F(v)
+                env_q[n] = graph.call_function(torch.quantize_per_tensor, (F(v), qp.scale, qp.zero_point, qp.torch_dtype))
+        elif plan is not None and plan.precision == "int8":
+            impl = plan.kernel.impl
+            qin = set(impl.quant_inputs(n))
+            pick = lambda a: Q(a) if a in qin else float_arg(a)  # noqa: E731
+            if plan.kind == "compute" or hasattr(impl, "build") and plan.kind == "passthrough" and n.op != "call_module" and plan.op in ("add", "mul"):
+                mod, args = impl.build(n, ctx)
+                target = n.target if n.op == "call_module" else "qcast_k." + _safe(plan.name)
+                root[target] = mod
+                env_q[n] = graph.call_module(target, fx.map_arg(args, pick))
+            else:
+                new = graph.node_copy(n, pick)
+                if n.op == "call_module":
+                    root[n.target] = qdq.get_submodule(n.target)
+                if n.op == "call_method" and n.target in getattr(impl, "rename", {}):
+                    new.target = impl.rename[n.target]
+                env_q[n] = new
+            env_q[n].meta.update({k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
+        else:
+            new = graph.node_copy(n, float_arg)
+            if n.op in ("call_module", "get_attr"):
+                root[n.target] = _get(qdq, n.target)
+            new.meta.update({k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
+            env_f[n] = new
+    graph.lint()
+    return fx.GraphModule(root, graph, class_name=type(qdq).__name__.replace("Graph", "") + "Int8")
+
+
+def _get(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def records(qdq: fx.GraphModule, opaque: dict[str, str]) -> tuple[OpInfo, ...]:
+    rows = []
+    modules = dict(qdq.named_modules())
+    for n in qdq.graph.nodes:
+        plan = Ctx.plan(n)
+        if plan is None or not plan.visible:
+            continue
+        rows.append(OpInfo(plan.name, plan.op, plan.precision, plan.engine if plan.precision == "int8" else "torch-float",
+                           plan.reason))
+        if n.op == "call_module" and n.target in opaque:
+            for sub, m in modules[n.target].named_modules():
+                if sub and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                    rows.append(OpInfo(f"{n.target}.{sub}", _module_op(m), "float", "torch-float",
+                                       f"inside uncaptured region '{n.target}': {opaque[n.target]}"))
+    return tuple(rows)
+
+
+def _module_op(m: nn.Module) -> str:
+    from .capture import MODULE_OPS
+    return MODULE_OPS.get(type(m), type(m).__name__)
+
+
+def convert(observed, backend: str = "torch") -> QuantizedModel:
+    """Turn a calibrated ObservedModel into an int8 QuantizedModel executed by ``backend``."""
+    from .prepare import ObservedModel
+
+    if not isinstance(observed, ObservedModel):
+        raise UnsupportedError(f"convert() needs the model returned by qcast.prepare(), got {type(observed).__name__}")
+    if backend not in backends():
+        raise UnsupportedError(f"backend {backend!r} is not available; available backends: {backends()} "
+                               "(OpenVINO, ONNX Runtime and TensorRT backends are on the roadmap)")
+    if backend != observed.qcast_config.backend:
+        raise UnsupportedError(f"the model was prepared for backend {observed.qcast_config.backend!r}; prepare again "
+                               f"with QuantConfig(backend={backend!r})")
+    qdq = to_qdq(observed)
+    with torch.no_grad():
+        gm = lower_torch(qdq, observed.qcast_config)
+    meta = {
+        "version": VERSION,
+        "backend": backend,
+        "config": observed.qcast_config.to_dict(),
+        "opaque": dict(observed.qcast_opaque),
+        "calibration_batches": observed.qcast_summary.batches if observed.qcast_summary else 0,
+    }
+    return QuantizedModel(gm, records(qdq, observed.qcast_opaque), meta)

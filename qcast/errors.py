@@ -1,0 +1,54 @@
+"""Every error qcast raises, in one tree.
+
+::
+
+    QcastError                      base of everything below; catch this to catch all of qcast
+    ├── ConfigError                 a QuantConfig key, value or glob is wrong (names the key)
+    ├── CaptureError                the model could not be captured at all (names the module)
+    ├── InputError                  an input does not fit the model: rank, channels, dtype (names the layer)
+    ├── CalibrationError            calibration data is empty, NaN/Inf, or not callable on the model
+    │   └── NotCalibratedError      convert() found an observer that saw no data (names the layer)
+    ├── UnsupportedError            something qcast cannot do here yet (CUDA model, unknown backend)
+    └── FormatError                 a saved file is truncated, tampered, of a newer version, or needs `model=`
+
+Messages always name the layer (module path) or argument concerned, and say what to do about it.
+"""
+from __future__ import annotations
+
+
+class QcastError(Exception):
+    """Base class of every error raised by qcast."""
+
+
+class ConfigError(QcastError, ValueError):
+    """A configuration key or value is invalid."""
+
+
+class CaptureError(QcastError):
+    """The model (or its root forward) could not be captured into a graph."""
+
+
+class InputError(QcastError, ValueError):
+    """An input does not fit the model (wrong rank, channels, dtype, device)."""
+
+
+class CalibrationError(QcastError, ValueError):
+    """Calibration data is unusable: empty, NaN/Inf, or does not fit the model."""
+
+
+class NotCalibratedError(CalibrationError):
+    """convert() was called on observers that have seen no data."""
+
+
+class UnsupportedError(QcastError):
+    """A request qcast cannot serve in this configuration (e.g. a CUDA model on the CPU backend)."""
+
+
+class FormatError(QcastError):
+    """A saved qcast file is unreadable: truncated, tampered, newer version, or missing its float model."""
+
+
+__all__ = [
+    "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
+    "NotCalibratedError", "UnsupportedError", "FormatError",
+]

@@ -1,0 +1,48 @@
+"""What every kernel implementation provides, and the module registry used by save/load."""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+
+KERNEL_MODULES: dict[str, type] = {}
+
+
+def kernel_module(cls):
+    """Register an int8 kernel module class so a saved graph can rebuild it by name (no pickle)."""
+    KERNEL_MODULES[cls.__name__] = cls
+    return cls
+
+
+class KernelImpl:
+    """Default behaviour of a registry entry; kernel files override what differs."""
+
+    #: int8 only when one of its inputs already is (avoids a quantize just to run a cheap op)
+    needs_int8_input = False
+
+    @staticmethod
+    def check(node: fx.Node, ctx) -> str | None:
+        return None
+
+    @staticmethod
+    def quant_inputs(node: fx.Node) -> list[fx.Node]:
+        a = node.args[0] if node.args else None
+        return [a] if isinstance(a, fx.Node) else []
+
+    @staticmethod
+    def kind_of(node: fx.Node, default: str) -> str:
+        return default
+
+    @staticmethod
+    def engine(node: fx.Node, ctx) -> str:
+        return "native"
+
+
+class KernelModule(nn.Module):
+    """Base of int8 kernel modules: ``spec()`` gives JSON-able config + tensors; ``from_spec`` rebuilds."""
+
+    def spec(self) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, config: dict, tensors: dict):
+        return cls(**config, **tensors)

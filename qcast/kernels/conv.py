@@ -1,0 +1,167 @@
+"""conv1d / conv2d / linear (with folded BN, fused relu/relu6 and residual add) on PyTorch int8 kernels."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..nn import FusedConv
+from ..observers import quantize_weight
+from .base import KernelImpl, KernelModule, kernel_module
+from .engines import REDUCE_RANGE, auto_order, engine_scope
+from .registry import register
+
+_OPS = {
+    ("conv2d", None): torch.ops.quantized.conv2d.new, ("conv2d", "relu"): torch.ops.quantized.conv2d_relu.new,
+    ("conv1d", None): torch.ops.quantized.conv1d, ("conv1d", "relu"): torch.ops.quantized.conv1d_relu,
+    ("linear", None): torch.ops.quantized.linear, ("linear", "relu"): torch.ops.quantized.linear_relu,
+}
+
+
+def _split(mod: nn.Module) -> tuple[nn.Module, str | None, bool]:
+    if isinstance(mod, FusedConv):
+        return mod.conv, mod.act, mod.add
+    return mod, None, False
+
+
+def _pack(kind: str, wq: torch.Tensor, bias, stride, padding, dilation, groups, engine: str):
+    with engine_scope(engine):
+        if kind == "linear":
+            return torch.ops.quantized.linear_prepack(wq, bias)
+        prepack = torch.ops.quantized.conv2d_prepack if kind == "conv2d" else torch.ops.quantized.conv1d_prepack
+        return prepack(wq, bias, list(stride), list(padding), list(dilation), groups)
+
+
+@kernel_module
+class QConv(KernelModule):
+    """Int8 conv/linear: quint8 activations, per-channel qint8 weights, float bias, fused post-ops."""
+
+    def __init__(self, kind, weight_int8, weight_scales, bias=None, stride=(1,), padding=(0,), dilation=(1,),
+                 groups=1, out_scale=1.0, out_zero_point=0, act=None, add=False, clamp6=False, engine="onednn"):
+        super().__init__()
+        self.kind, self.act, self.add, self.clamp6, self.engine = kind, act, bool(add), bool(clamp6), engine
+        self.stride, self.padding, self.dilation, self.groups = tuple(stride), tuple(padding), tuple(dilation), int(groups)
+        self.out_scale, self.out_zero_point = float(out_scale), int(out_zero_point)
+        self.register_buffer("weight_int8", weight_int8.to(torch.int8))
+        self.register_buffer("weight_scales", weight_scales.double())
+        self.register_buffer("bias", None if bias is None else bias.float())
+        wq = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scales,
+                                                      torch.zeros_like(self.weight_scales, dtype=torch.long), 0)
+        self._packed = _pack(kind, wq, self.bias, self.stride, self.padding, self.dilation, self.groups, engine)
+        if add:
+            self._fn = torch.ops.quantized.conv2d_add_relu if act == "relu" else torch.ops.quantized.conv2d_add
+        else:
+            self._fn = _OPS[(kind, "relu" if act in ("relu", "relu6") else None)]
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, out_scale: float, out_zero_point: int, engine: str):
+        conv, act, add = _split(mod)
+        kind = "linear" if isinstance(conv, nn.Linear) else ("conv1d" if isinstance(conv, nn.Conv1d) else "conv2d")
+        wq = quantize_weight(conv.weight)
+        kw = {} if kind == "linear" else dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                              groups=conv.groups)
+        clamp6 = act == "relu6" and out_scale * (255 - out_zero_point) > 6.0 + out_scale
+        return cls(kind, wq.int_repr(), wq.q_per_channel_scales(), conv.bias.detach() if conv.bias is not None else None,
+                   out_scale=out_scale, out_zero_point=out_zero_point, act=act, add=add, clamp6=clamp6,
+                   engine=engine, **kw)
+
+    def forward(self, x, accum=None):
+        if self.add:
+            # conv2d_add[_relu] dispatches on the global engine (not the packed weight): set it for this call only
+            old = torch.backends.quantized.engine
+            torch.backends.quantized.engine = self.engine
+            try:
+                y = self._fn(x, accum, self._packed, self.out_scale, self.out_zero_point)
+            finally:
+                torch.backends.quantized.engine = old
+        else:
+            y = self._fn(x, self._packed, self.out_scale, self.out_zero_point)
+        if self.clamp6:
+            y = torch.nn.functional.hardtanh(y, 0.0, 6.0)
+        return y
+
+    def spec(self):
+        config = dict(kind=self.kind, stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
+                      groups=self.groups, out_scale=self.out_scale, out_zero_point=self.out_zero_point, act=self.act,
+                      add=self.add, clamp6=self.clamp6, engine=self.engine)
+        tensors = {"weight_int8": self.weight_int8, "weight_scales": self.weight_scales}
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        return config, tensors
+
+    def __deepcopy__(self, memo):
+        config, tensors = self.spec()
+        return type(self).from_spec(config, {k: v.clone() for k, v in tensors.items()})
+
+    def extra_repr(self):
+        post = "+".join(p for p in (("add" if self.add else ""), self.act or "") if p)
+        return (f"{self.kind}, out={tuple(self.weight_int8.shape)}, engine={self.engine}"
+                + (f", fused={post}" if post else "") + f", out_scale={self.out_scale:.4g}, zp={self.out_zero_point}")
+
+
+@register("conv1d", "conv2d", "linear", kind="compute", engines=("onednn", "x86"),
+          notes="per-channel s8 weights, u8 activations; fused BN, relu/relu6, residual add(+relu) on onednn")
+class ConvKernel(KernelImpl):
+    @staticmethod
+    def check(node: fx.Node, ctx) -> str | None:
+        if node.op != "call_module":
+            return "functional conv/linear with a weight computed at run time runs in float"
+        conv, act, add = _split(ctx.module(node))
+        if isinstance(conv, (nn.Conv1d, nn.Conv2d)) and conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r} has no int8 kernel (only 'zeros')"
+        if isinstance(conv, (nn.Conv1d, nn.Conv2d)) and isinstance(conv.padding, str):
+            return f"padding={conv.padding!r} (string padding) has no int8 kernel; use explicit padding"
+        x = node.args[0]
+        meta = ctx.meta(x)
+        if meta is None or not meta.is_float:
+            return "its input is not a floating-point tensor"
+        want = {"conv2d": 4, "conv1d": 3}.get(ctx.op(node))
+        if want and len(meta.shape) != want:
+            return f"{ctx.op(node)} on a rank-{len(meta.shape)} input has no int8 kernel (batched input expected)"
+        if add and not isinstance(node.args[1], fx.Node):
+            return "residual operand is not a tensor"
+        return None
+
+    @staticmethod
+    def quant_inputs(node):
+        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
+
+    @staticmethod
+    def engine(node: fx.Node, ctx) -> str:
+        """The engine this layer runs on: the config's, or the first of ``auto_order`` that accepts it."""
+        wanted = ctx.setting(node, "engine")
+        mod = ctx.module(node)
+        _, _, add = _split(mod)
+        candidates = auto_order() if wanted == "auto" else [wanted]
+        if add:  # conv2d_add[_relu] only exists on onednn
+            candidates = [e for e in candidates if e == "onednn"]
+        errors = []
+        for eng in candidates:
+            try:
+                ConvKernel._try(mod, ctx.meta(node.args[0]).shape, eng)
+                return eng
+            except Exception as e:  # noqa: BLE001 - evidence: this engine cannot run this layer
+                errors.append(f"{eng}: {str(e).splitlines()[0][:120]}")
+        raise RuntimeError("no int8 engine accepts this layer (" + "; ".join(errors) + ")")
+
+    @staticmethod
+    def _try(mod, shape, engine):
+        """Pack and run the layer once on a zero input of the calibration shape (batch 1)."""
+        q = QConv.from_float(mod, 1.0, 0, engine)
+        x = torch.quantize_per_tensor(torch.zeros((1,) + tuple(shape[1:])), 1.0, 0, torch.quint8)
+        acc = None
+        if q.add:
+            with torch.no_grad():
+                y = mod.conv(torch.zeros((1,) + tuple(shape[1:])))
+            acc = torch.quantize_per_tensor(y, 1.0, 0, torch.quint8)
+        q(x, acc) if q.add else q(x)
+
+    @staticmethod
+    def reduce_range(engine: str) -> bool:
+        return REDUCE_RANGE.get(engine, True)
+
+    @staticmethod
+    def build(node, ctx):
+        qp = ctx.out_qparams(node)
+        mod = QConv.from_float(ctx.module(node), qp.scale, qp.zero_point, ctx.plan(node).engine)
+        return mod, tuple(node.args)

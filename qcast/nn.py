@@ -1,0 +1,56 @@
+"""qcast's float building blocks: what fusion passes put into the graph before quantization.
+
+A fused module computes exactly what the float pattern computed (so calibration sees float behaviour)
+and tells the kernel registry what it is through ``qcast_op`` and ``qcast_fused``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    None: None,
+    "relu": F.relu,
+    "relu6": F.relu6,
+}
+
+_BASE_OP = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
+
+
+class FusedConv(nn.Module):
+    """``act(conv(x) [+ other])`` for a conv/linear whose BatchNorm is already folded in.
+
+    Attributes: ``conv`` (the folded nn.Conv1d/Conv2d/Linear), ``act`` (None, ``relu`` or ``relu6``),
+    ``add`` (whether a residual tensor is added before the activation).
+    """
+
+    qcast_leaf = True
+
+    def __init__(self, conv: nn.Module, act: str | None = None, add: bool = False):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unsupported fused activation {act!r}")
+        self.conv = conv
+        self.act = act
+        self.add = add
+        self.qcast_op = _BASE_OP[type(conv)]
+
+    @property
+    def qcast_fused(self) -> tuple[str, ...]:
+        return (("add",) if self.add else ()) + ((self.act,) if self.act else ())
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.conv(x)
+        if self.add:
+            y = y + other
+        fn = ACTIVATIONS[self.act]
+        return fn(y) if fn is not None else y
+
+    def extra_repr(self) -> str:
+        return f"fused={'+'.join(self.qcast_fused) or 'none'}"
+
+
+def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """relu(a + b): an add followed by a relu, fused by ``passes.fuse`` into one int8 kernel."""
+    return torch.relu(a + b)

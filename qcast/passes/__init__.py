@@ -1,0 +1,5 @@
+"""Graph rewrites, one file each; each takes a GraphModule and edits it in place (on qcast's own copy)."""
+from .fold_bn import fold_bn
+from .fuse import fuse
+
+__all__ = ["fold_bn", "fuse"]

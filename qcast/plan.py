@@ -1,0 +1,136 @@
+"""The per-node plan: which ops run int8, on which engine, and why the others stay float."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .capture import TensorMeta
+from .config import QuantConfig
+from .kernels import Kernel, lookup
+
+HIDDEN_OPS = {"getitem", "size", "dim", "contiguous"}
+
+
+@dataclass
+class Plan:
+    """Mutable while prepare decides; frozen into ``OpInfo`` rows by convert."""
+
+    name: str
+    op: str
+    path: str
+    precision: str = "float"
+    kind: str = ""
+    engine: str = "torch-float"
+    reason: str = ""
+    fused: tuple[str, ...] = ()
+    kernel: Kernel | None = field(default=None, repr=False)
+    visible: bool = True
+
+
+class Ctx:
+    """What kernels may ask about the graph while planning and lowering."""
+
+    def __init__(self, gm: fx.GraphModule, config: QuantConfig, qparams: dict | None = None):
+        self.gm, self.config = gm, config
+        self.modules = dict(gm.named_modules())
+        self.qparams = qparams or {}
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.modules[node.target]
+
+    @staticmethod
+    def meta(node) -> TensorMeta | None:
+        v = node.meta.get("qcast_val") if isinstance(node, fx.Node) else None
+        return v if isinstance(v, TensorMeta) else None
+
+    @staticmethod
+    def op(node: fx.Node) -> str:
+        return node.meta.get("qcast_op", "")
+
+    @staticmethod
+    def plan(node: fx.Node) -> Plan | None:
+        return node.meta.get("qcast_plan")
+
+    def setting(self, node: fx.Node, key: str):
+        return self.config.setting(key, node.meta.get("qcast_name", ""), self.op(node), node.meta.get("qcast_path", ""))
+
+    def out_qparams(self, node: fx.Node):
+        return self.qparams[node]
+
+
+def is_int8(node) -> bool:
+    p = Ctx.plan(node) if isinstance(node, fx.Node) else None
+    return p is not None and p.precision == "int8"
+
+
+def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) -> None:
+    """Decide each node's precision; int8 only where a registered kernel accepts it (evidence, not lists)."""
+    ctx = Ctx(gm, config)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        name, op, path = node.meta["qcast_name"], node.meta["qcast_op"], node.meta.get("qcast_path", "")
+        mod = ctx.modules.get(node.target) if node.op == "call_module" else None
+        fused = tuple(getattr(mod, "qcast_fused", ())) if mod is not None else ()
+        if getattr(node.target, "__name__", "") == "add_relu":
+            fused = ("relu",)
+        p = Plan(name=name, op=op, path=path, fused=fused)
+        node.meta["qcast_plan"] = p
+        meta = node.meta.get("qcast_val")
+        tensor_out = isinstance(meta, TensorMeta) or (op in ("chunk", "split") and isinstance(meta, (tuple, list)))
+        p.visible = tensor_out and op not in HIDDEN_OPS
+        p.reason = _float_reason(node, p, ctx, opaque, tensor_out) or ""
+        if not p.reason:
+            p.precision = "int8"
+            p.kind = p.kernel.impl.kind_of(node, p.kernel.kind)
+            if p.kind == "compute" and hasattr(p.kernel.impl, "reduce_range"):
+                p.reason = "per-channel s8 weights, u8 activations" + (" (7-bit, reduce_range)" if p.kernel.impl.reduce_range(p.engine) else "")
+                if fused or node.meta.get("qcast_folded"):
+                    p.reason += "; fused " + "+".join(["bn"] * bool(node.meta.get("qcast_folded")) + list(fused))
+            elif p.kind == "fixed":
+                p.reason = "fixed output params"
+            elif p.kind == "passthrough":
+                p.reason = "runs on the int8 tensor, no requantization"
+            else:
+                p.reason = "requantized to calibrated output params"
+
+
+def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: bool) -> str | None:
+    if node.op == "call_module" and node.target in opaque:
+        return f"not capturable, runs in float: {opaque[node.target]}"
+    if node.meta.get("qcast_float_reason"):
+        return node.meta["qcast_float_reason"]
+    if not tensor_out:
+        return "produces no tensor"
+    pattern = ctx.config.skipped_by(p.name, p.op, p.path)
+    if pattern:
+        return f"kept in float by QuantConfig.skip pattern {pattern!r}"
+    if ctx.setting(node, "activation") == "float":
+        return "kept in float by QuantConfig activation='float'"
+    kernel = lookup(p.op, ctx.config.backend)
+    if kernel is None:
+        return (f"no int8 kernel for '{p.op}' on the {ctx.config.backend} backend (see `qcast ops`); runs in float "
+                "with dequantize/quantize around it")
+    p.kernel = kernel
+    reason = kernel.impl.check(node, ctx)
+    if reason:
+        return reason
+    inputs = kernel.impl.quant_inputs(node)
+    if not inputs:
+        return "has no tensor input to quantize"
+    passthrough = kernel.impl.kind_of(node, kernel.kind) in ("passthrough", "fixed")
+    if passthrough and not all(is_int8(i) for i in inputs):
+        src = next(i for i in inputs if not is_int8(i))
+        return f"its input ({src.meta.get('qcast_name', src.name)}) is float, so it runs in float too"
+    if kernel.impl.needs_int8_input and not any(is_int8(i) for i in inputs):
+        return "none of its inputs is int8; a lone op is not worth a quantize/dequantize pair"
+    if kernel.kind == "compute" and hasattr(kernel.impl, "reduce_range"):
+        try:
+            p.engine = kernel.impl.engine(node, ctx)
+        except RuntimeError as e:
+            return str(e)
+    else:
+        p.engine = "native"
+    return None

@@ -1,0 +1,144 @@
+"""prepare: capture, transform and insert observers -> an ObservedModel ready for calibration."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import passes
+from .capture import bind_inputs, capture, propagate_shapes, remove_stubs
+from .config import QuantConfig
+from .data import as_call, check_finite
+from .errors import CaptureError, ConfigError, UnsupportedError
+from .kernels.engines import REDUCE_RANGE
+from .observers import FixedQParamsObserver, Observer, make_observer
+from .plan import Ctx, is_int8, plan_graph
+
+
+class ObservedModel(nn.Module):
+    """The float model with observers on every edge that will be int8. Calibrate it, then convert it."""
+
+    def __init__(self, gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str], input_names: tuple[str, ...]):
+        super().__init__()
+        self.gm = gm
+        self.qcast_config = config
+        self.qcast_opaque = dict(opaque)
+        self.qcast_input_names = tuple(input_names)
+        self.qcast_summary = None
+
+    def forward(self, *args, **kwargs):
+        return self.gm(*args, **kwargs)
+
+    def observers(self) -> list[tuple[str, Observer]]:
+        return [(n, m) for n, m in self.gm.named_children() if isinstance(m, Observer)]
+
+
+def as_config(config: Any) -> QuantConfig:
+    if config is None:
+        return QuantConfig()
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, dict):
+        return QuantConfig.from_dict(config)
+    raise ConfigError(f"config must be a QuantConfig or dict, got {type(config).__name__}")
+
+
+def check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type != "cpu":
+            raise UnsupportedError(
+                f"'{name}' is on {t.device}: the torch backend runs int8 on CPU only (a CUDA backend is on the "
+                "roadmap). Quantize a CPU copy: qcast.quantize(copy.deepcopy(model).cpu(), data)")
+
+
+def placeholder_values(gm: fx.GraphModule, names: list[str], values: list[Any]) -> list[Any]:
+    given = dict(zip(names, values))
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            key = str(n.target).lstrip("*")
+            out.append(given[key] if key in given else (n.args[0] if n.args else None))
+    return out
+
+
+def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | dict | None = None) -> ObservedModel:
+    """Capture ``model`` (a private copy; the original is untouched), fuse, plan int8 ops, insert observers."""
+    config = as_config(config)
+    check_model(model)
+    args, kwargs = as_call(example_inputs, "example_inputs")
+    check_finite(args, kwargs, "example_inputs")
+    if config.backend != "torch":
+        from .kernels import backends
+        if config.backend not in backends():
+            raise UnsupportedError(f"backend {config.backend!r} is not available; available: {backends()}")
+    work = copy.deepcopy(model).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        captured = capture(work, args, kwargs)
+        gm = captured.gm
+        remove_stubs(gm)
+        _debug("capture", gm)
+        passes.fold_bn(gm)
+        _debug("fold_bn", gm)
+        passes.fuse(gm, config)
+        _debug("fuse", gm)
+        names, values = bind_inputs(work, args, kwargs)
+        propagate_shapes(gm, placeholder_values(gm, names, values))
+        plan_graph(gm, config, captured.opaque)
+        insert_observers(gm, config)
+        _debug("observe", gm)
+    return ObservedModel(gm, config, captured.opaque, captured.input_names)
+
+
+def _origin(node: fx.Node) -> fx.Node:
+    """The value whose quantization params an int8 value carries (walks back over passthrough ops)."""
+    while is_int8(node) and node.meta["qcast_plan"].kind == "passthrough":
+        node = node.meta["qcast_plan"].kernel.impl.quant_inputs(node)[0]
+    return node
+
+
+def insert_observers(gm: fx.GraphModule, config: QuantConfig) -> None:
+    ctx = Ctx(gm, config)
+    wanted: dict[fx.Node, dict] = {}  # value -> {"qmax":..., "estimator":..., "fixed": qp}
+    for node in gm.graph.nodes:
+        if not is_int8(node):
+            continue
+        plan = node.meta["qcast_plan"]
+        if plan.kind in ("compute", "fixed"):
+            spec = wanted.setdefault(node, {"qmax": 255, "estimator": ctx.setting(node, "calibration")})
+            if plan.kind == "fixed":
+                spec["fixed"] = plan.kernel.impl.fixed_qparams
+        for inp in plan.kernel.impl.quant_inputs(node):
+            origin = _origin(inp)
+            spec = wanted.setdefault(origin, {"qmax": 255, "estimator": ctx.setting(node, "calibration")})
+            if plan.kind == "compute" and REDUCE_RANGE.get(plan.engine, False):
+                spec["qmax"] = 127
+    for i, (value, spec) in enumerate(sorted(wanted.items(), key=lambda kv: list(gm.graph.nodes).index(kv[0]))):
+        vname = value.meta.get("qcast_name", value.name)
+        obs = (FixedQParamsObserver(vname, spec["fixed"]) if "fixed" in spec
+               else make_observer(spec["estimator"], vname, qmax=spec["qmax"], percentile=config.percentile))
+        target = f"qcast_obs_{i}"
+        gm.add_submodule(target, obs)
+        anchor = value
+        if value.op == "placeholder":  # observers go after the last placeholder
+            anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+        with gm.graph.inserting_after(anchor):
+            obs_node = gm.graph.call_module(target, (value,))
+        obs_node.meta["qcast_observes"] = value
+        obs_node.meta["qcast_val"] = value.meta.get("qcast_val")
+        value.replace_all_uses_with(obs_node, delete_user_cb=lambda u: u is not obs_node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _debug(stage: str, gm: fx.GraphModule) -> None:
+    if os.environ.get("QCAST_DEBUG"):
+        print(f"---- qcast: graph after {stage} ----")
+        gm.graph.print_tabular() if os.environ.get("QCAST_DEBUG") == "2" else print(gm.code)
