@@ -11,11 +11,12 @@ from .errors import (CalibrationError, CaptureError, ConfigError, FormatError, I
                      QcastError, UnsupportedError)
 from .prepare import ObservedModel, prepare
 from .quantized import OpInfo, QuantizedModel, explain
+from .serialize import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "prepare", "calibrate", "convert", "explain", "QuantConfig", "QuantizedModel", "ObservedModel",
+    "quantize", "prepare", "calibrate", "convert", "explain", "save", "load", "QuantConfig", "QuantizedModel", "ObservedModel",
     "OpInfo", "CalibrationSummary", "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
     "NotCalibratedError", "UnsupportedError", "FormatError", "__version__",
 ]

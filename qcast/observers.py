@@ -245,7 +245,7 @@ class FixedQParamsObserver(Observer):
 # ------------------------------------------------------------------------------------------------
 def weight_scales(w: torch.Tensor) -> torch.Tensor:
     """Per-output-channel symmetric int8 scales (max |w| / 127)."""
-    amax = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1).double()
+    amax = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1).float()
     return (amax / 127.0).clamp_min(1e-12)
 
 

@@ -43,9 +43,9 @@ class QConv(KernelModule):
         self.stride, self.padding, self.dilation, self.groups = tuple(stride), tuple(padding), tuple(dilation), int(groups)
         self.out_scale, self.out_zero_point = float(out_scale), int(out_zero_point)
         self.register_buffer("weight_int8", weight_int8.to(torch.int8))
-        self.register_buffer("weight_scales", weight_scales.double())
+        self.register_buffer("weight_scales", weight_scales.float())
         self.register_buffer("bias", None if bias is None else bias.float())
-        wq = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scales,
+        wq = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scales.double(),
                                                       torch.zeros_like(self.weight_scales, dtype=torch.long), 0)
         self._packed = _pack(kind, wq, self.bias, self.stride, self.padding, self.dilation, self.groups, engine)
         if add:

@@ -78,7 +78,8 @@ def fuse(gm: fx.GraphModule, config: QuantConfig | None = None) -> fx.GraphModul
         if _kept_float(add, config):
             continue
         a, b = add.args
-        cands = [(x, o) for x, o in ((a, b), (b, a)) if isinstance(o, fx.Node) and only_user(x) is add
+        cands = [(x, o) for x, o in ((a, b), (b, a)) if isinstance(o, fx.Node) and isinstance(x, fx.Node)
+                 and only_user(x) is add
                  and isinstance(fusable_base(x), nn.Conv2d)]
         if not cands:
             continue

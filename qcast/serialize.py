@@ -1,0 +1,313 @@
+"""save / load: one safetensors file holding int8 weights, with a versioned JSON manifest in its metadata.
+
+No pickle anywhere. The manifest records the graph (nodes, targets, arguments), each module as a spec
+(an int8 kernel by class name + config, a standard ``torch.nn`` layer by class + constructor arguments),
+the explain() rows, the config and calibration facts, and a SHA-256 of all tensor bytes. Regions that
+are the user's own Python code (uncaptured modules, custom functions) are rebuilt from the float model
+passed as ``load(path, model=...)``; a file that needs it says so.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import inspect
+import json
+import operator
+import os
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import FormatError
+from .kernels.base import KERNEL_MODULES, KernelModule
+from .nn import FusedConv
+from .quantized import OpInfo, QuantizedModel
+
+FORMAT = "qcast"
+VERSION = 1
+_SAFE_MODULE_PREFIXES = ("torch", "operator", "_operator", "builtins", "math", "qcast")
+
+
+# ------------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------------
+def _enc(a: Any, where: str) -> Any:
+    if isinstance(a, fx.Node):
+        return {"__node__": a.name}
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a
+    if isinstance(a, tuple):
+        return {"__tuple__": [_enc(x, where) for x in a]}
+    if isinstance(a, list):
+        return [_enc(x, where) for x in a]
+    if isinstance(a, dict):
+        return {"__dict__": [[_enc(k, where), _enc(v, where)] for k, v in a.items()]}
+    if isinstance(a, slice):
+        return {"__slice__": [_enc(a.start, where), _enc(a.stop, where), _enc(a.step, where)]}
+    if isinstance(a, torch.dtype):
+        return {"__dtype__": str(a).replace("torch.", "")}
+    if isinstance(a, torch.device):
+        return {"__device__": str(a)}
+    if isinstance(a, torch.memory_format):
+        return {"__memory_format__": str(a).replace("torch.", "")}
+    if a is Ellipsis:
+        return {"__ellipsis__": True}
+    raise FormatError(f"{where}: cannot save an argument of type {type(a).__name__} ({a!r})")
+
+
+def _dec(a: Any, nodes: dict[str, fx.Node]) -> Any:
+    if isinstance(a, list):
+        return [_dec(x, nodes) for x in a]
+    if not isinstance(a, dict):
+        return a
+    (tag, v), = a.items()
+    if tag == "__node__":
+        return nodes[v]
+    if tag == "__tuple__":
+        return tuple(_dec(x, nodes) for x in v)
+    if tag == "__dict__":
+        return {_dec(k, nodes): _dec(x, nodes) for k, x in v}
+    if tag == "__slice__":
+        return slice(*(_dec(x, nodes) for x in v))
+    if tag == "__dtype__":
+        return getattr(torch, v)
+    if tag == "__device__":
+        return torch.device(v)
+    if tag == "__memory_format__":
+        return getattr(torch, v)
+    if tag == "__ellipsis__":
+        return Ellipsis
+    raise FormatError(f"unknown argument tag {tag!r} in the manifest")
+
+
+def _fn_name(fn) -> str:
+    mod = getattr(fn, "__module__", None) or ""
+    if fn in (getattr, setattr) or mod == "builtins":
+        return f"builtins.{fn.__name__}"
+    if mod == "_operator":
+        mod = "operator"
+    try:  # builtins bound on a module (torch.cat, torch.quantize_per_tensor) are found by their plain name
+        if getattr(importlib.import_module(mod), fn.__name__, None) is fn:
+            return f"{mod}:{fn.__name__}"
+    except ImportError:
+        pass
+    return f"{mod}:{fn.__qualname__}"
+
+
+def _resolve_fn(name: str, allowed_modules: set[str]):
+    if name.startswith("builtins."):
+        import builtins
+        return getattr(builtins, name.split(".", 1)[1])
+    mod_name, _, qual = name.partition(":")
+    if not (mod_name.split(".")[0] in _SAFE_MODULE_PREFIXES or mod_name in allowed_modules):
+        raise FormatError(f"the saved graph calls {name}, which is your own code: pass the float model, "
+                          "qcast.load(path, model=model), so qcast can use it")
+    obj = importlib.import_module(mod_name)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------
+# modules
+# ------------------------------------------------------------------------------------------------
+def _is_torch_module(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("torch.nn.") and not list(m.children())
+
+
+def _init_kwargs(m: nn.Module) -> dict | None:
+    kw = {}
+    for name, p in inspect.signature(type(m).__init__).parameters.items():
+        if name in ("self", "device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if name == "bias" and isinstance(getattr(m, "bias", None), (torch.Tensor, type(None))):
+            kw[name] = getattr(m, "bias", None) is not None
+            continue
+        if name == "affine" and hasattr(m, "affine"):
+            kw[name] = m.affine
+            continue
+        if not hasattr(m, name):
+            if p.default is inspect.Parameter.empty:
+                return None
+            continue
+        v = getattr(m, name)
+        if isinstance(v, torch.Tensor):
+            return None
+        kw[name] = v
+    return kw
+
+
+def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
+    if isinstance(m, KernelModule):
+        config, ts = m.spec()
+        for k, t in ts.items():
+            tensors[f"{path}::{k}"] = t
+        return {"kind": "kernel", "class": type(m).__name__, "config": _enc(config, path), "tensors": sorted(ts)}
+    if isinstance(m, FusedConv):
+        inner = _module_spec(path + ".conv", m.conv, tensors)
+        return {"kind": "fused", "act": m.act, "add": m.add, "conv": inner}
+    if _is_torch_module(m):
+        kw = _init_kwargs(m)
+        if kw is not None:
+            try:
+                rebuilt = type(m)(**kw)
+                rebuilt.load_state_dict(m.state_dict())
+            except Exception:  # noqa: BLE001 - not rebuildable from its attributes: fall back to the user's model
+                kw = None
+        if kw is not None:
+            for k, t in m.state_dict().items():
+                tensors[f"{path}::{k}"] = t
+            return {"kind": "torch", "class": f"{type(m).__module__}:{type(m).__qualname__}",
+                    "init": _enc(kw, path), "tensors": sorted(m.state_dict())}
+    return {"kind": "user", "class": f"{type(m).__module__}.{type(m).__qualname__}"}
+
+
+def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None) -> nn.Module:
+    kind = spec["kind"]
+    if kind == "kernel":
+        cls = KERNEL_MODULES.get(spec["class"])
+        if cls is None:
+            raise FormatError(f"{path}: unknown int8 kernel {spec['class']!r} (saved by a newer qcast?)")
+        ts = {k: tensors[f"{path}::{k}"] for k in spec["tensors"]}
+        return cls.from_spec(_dec(spec["config"], {}), ts)
+    if kind == "fused":
+        return FusedConv(_build_module(path + ".conv", spec["conv"], tensors, model), act=spec["act"], add=spec["add"])
+    if kind == "torch":
+        mod_name, _, qual = spec["class"].partition(":")
+        if not mod_name.startswith("torch.nn."):
+            raise FormatError(f"{path}: refusing to build {spec['class']!r}: not a torch.nn layer")
+        cls = _resolve_fn(spec["class"], set())
+        m = cls(**_dec(spec["init"], {}))
+        m.load_state_dict({k: tensors[f"{path}::{k}"] for k in spec["tensors"]})
+        return m.eval()
+    if kind == "user":
+        if model is None:
+            raise FormatError(
+                f"this file contains '{path}' ({spec['class']}), which is your own Python code that qcast keeps in "
+                "float; pass the float model to rebuild it: qcast.load(path, model=model)")
+        try:
+            sub = model.get_submodule(path)
+        except AttributeError:
+            raise FormatError(f"the model passed to load() has no submodule '{path}' ({spec['class']}); pass the "
+                              "same float model that was quantized") from None
+        sub_cls = f"{type(sub).__module__}.{type(sub).__qualname__}"
+        if sub_cls != spec["class"]:
+            raise FormatError(f"'{path}' in the model passed to load() is {sub_cls}, the file expects {spec['class']}")
+        return copy.deepcopy(sub).eval()
+    raise FormatError(f"{path}: unknown module kind {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# save / load
+# ------------------------------------------------------------------------------------------------
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
+    """Write ``qmodel`` to ``path`` (safetensors + JSON manifest). Written atomically: no half files."""
+    from safetensors.torch import save_file
+
+    if not isinstance(qmodel, QuantizedModel):
+        raise FormatError(f"save() needs a model returned by qcast.quantize/convert/load, got {type(qmodel).__name__}")
+    gm = qmodel.graph_module
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    attrs: dict[str, str] = {}
+    nodes = []
+    for n in gm.graph.nodes:
+        where = n.meta.get("qcast_name", n.name)
+        entry = {"name": n.name, "op": n.op, "args": _enc(n.args, where), "kwargs": _enc(n.kwargs, where),
+                 "qcast_name": n.meta.get("qcast_name"), "qcast_op": n.meta.get("qcast_op")}
+        if n.op == "call_function":
+            entry["target"] = _fn_name(n.target)
+        else:
+            entry["target"] = n.target
+        if n.op == "call_module" and n.target not in modules:
+            modules[n.target] = _module_spec(n.target, gm.get_submodule(n.target), tensors)
+        if n.op == "get_attr" and n.target not in attrs:
+            obj = gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            if not isinstance(obj, torch.Tensor):
+                raise FormatError(f"{where}: cannot save attribute {n.target!r} of type {type(obj).__name__}")
+            tensors[f"attr::{n.target}"] = obj.detach()
+            attrs[n.target] = f"attr::{n.target}"
+        nodes.append(entry)
+    meta = {k: v for k, v in qmodel.qcast_meta.items() if k != "calibration_summary"}
+    manifest = {
+        "format": FORMAT, "version": VERSION, "nodes": nodes, "modules": modules, "attrs": attrs,
+        "records": [r.__dict__ for r in qmodel.qcast_records], "meta": _enc(meta, "meta"),
+        "sha256": _digest(tensors), "class_name": type(gm).__name__,
+    }
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata={"qcast_manifest": json.dumps(manifest)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedModel:
+    """Read a file written by ``save``; ``model`` (the float model) is needed only for uncaptured regions."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for broken files
+        raise FormatError(f"{path}: not a readable qcast file (truncated or corrupted?): {e}") from None
+    if "qcast_manifest" not in metadata:
+        raise FormatError(f"{path}: a safetensors file without a qcast manifest; it was not written by qcast.save")
+    try:
+        manifest = json.loads(metadata["qcast_manifest"])
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: the manifest is not valid JSON ({e}); the file was tampered with") from None
+    if manifest.get("format") != FORMAT:
+        raise FormatError(f"{path}: not a qcast file (format={manifest.get('format')!r})")
+    if manifest.get("version", 0) > VERSION:
+        raise FormatError(f"{path}: written by a newer qcast (format version {manifest['version']}, this qcast reads "
+                          f"up to {VERSION}); upgrade qcast to load it")
+    if _digest(tensors) != manifest.get("sha256"):
+        raise FormatError(f"{path}: tensor data does not match its checksum; the file was modified or corrupted")
+    allowed = {type(m).__module__ for m in model.modules()} if model is not None else set()
+    root: dict[str, Any] = {}
+    for target, spec in manifest["modules"].items():
+        root[target] = _build_module(target, spec, tensors, model)
+    for target, key in manifest["attrs"].items():
+        root[target] = tensors[key]
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for e in manifest["nodes"]:
+        args, kwargs = _dec(e["args"], env), _dec(e["kwargs"], env)
+        target = e["target"]
+        if e["op"] == "call_function":
+            target = _resolve_fn(target, allowed)
+        node = graph.create_node(e["op"], target, tuple(args) if isinstance(args, (list, tuple)) else args, kwargs, name=e["name"])
+        if e.get("qcast_name"):
+            node.meta["qcast_name"], node.meta["qcast_op"] = e["qcast_name"], e.get("qcast_op")
+        env[e["name"]] = node
+    gm = fx.GraphModule(root, graph, class_name=manifest.get("class_name", "QcastInt8"))
+    records = tuple(OpInfo(**r) for r in manifest["records"])
+    return QuantizedModel(gm, records, _dec(manifest["meta"], {}))
+
+
+__all__ = ["save", "load"]
