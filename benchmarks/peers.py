@@ -37,9 +37,8 @@ from benchmarks.common import (  # noqa: E402  (sets thread env vars before torc
     build_model,
     file_size_mb,
     flatten_outputs,
-    latency_stats_interleaved,
+    latency_stats_quiet,
     sqnr,
-    wait_for_quiet,
 )
 
 import numpy as np  # noqa: E402
@@ -305,8 +304,9 @@ def _worker_ort(job_dir: str) -> Dict[str, Any]:
     for b, args in data["bench"].items():
         fb = _to_numpy_feed(args, info["input_names"])
         fns = {k: (lambda s=s: s.run(None, fb)) for k, s in sessions.items()}
-        wait_for_quiet(job.get("wait_quiet", 0.0))
-        res["latency"][str(b)] = latency_stats_interleaved(fns, n=job["n"], warmup=job["warmup"])
+        res["latency"][str(b)] = latency_stats_quiet(
+            fns, n=job["n"], warmup=job["warmup"], wait_s=job.get("wait_quiet", 0.0), retries=job.get("retries", 0)
+        )
     return res
 
 
@@ -342,8 +342,9 @@ def _worker_openvino(job_dir: str) -> Dict[str, Any]:
     for b, args in data["bench"].items():
         shapes = [tuple(a.shape) for a in args]
         fns = {k: _ov_runner(ov_compile(m, shapes, job["threads"], prec), args) for k, (m, prec) in variants.items()}
-        wait_for_quiet(job.get("wait_quiet", 0.0))
-        res["latency"][str(b)] = latency_stats_interleaved(fns, n=job["n"], warmup=job["warmup"])
+        res["latency"][str(b)] = latency_stats_quiet(
+            fns, n=job["n"], warmup=job["warmup"], wait_s=job.get("wait_quiet", 0.0), retries=job.get("retries", 0)
+        )
     return res
 
 
@@ -351,14 +352,15 @@ WORKERS = {"ort": _worker_ort, "openvino": _worker_openvino}
 
 
 def write_job(job_dir: str, model_name: str, source: str, model: torch.nn.Module, data: Dict[str, Any],
-              n: int, warmup: int, threads: int = BENCH_THREADS, wait_quiet: float = 0.0) -> None:
+              n: int, warmup: int, threads: int = BENCH_THREADS, wait_quiet: float = 0.0,
+              retries: int = 0) -> None:
     """Write what a peer worker needs: the model's state_dict, inputs/reference outputs, settings."""
     os.makedirs(job_dir, exist_ok=True)
     torch.save(model.state_dict(), os.path.join(job_dir, "state_dict.pt"))
     torch.save(data, os.path.join(job_dir, "data.pt"))
     with open(os.path.join(job_dir, "job.json"), "w") as f:
         json.dump({"model": model_name, "source": source, "n": n, "warmup": warmup, "threads": threads,
-                   "wait_quiet": wait_quiet}, f)
+                   "wait_quiet": wait_quiet, "retries": retries}, f)
 
 
 def run_peer_subprocess(engine: str, job_dir: str, timeout: float = 1800) -> Dict[str, Any]:

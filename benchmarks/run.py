@@ -45,19 +45,18 @@ from benchmarks.common import (  # noqa: E402  (sets thread env vars before torc
     build_model,
     randomize_bn_stats,
     file_size_mb,
-    latency_stats_interleaved,
+    BUSY_CORES,
+    latency_stats_quiet,
     machine_info,
     make_input,
     sqnr,
     state_dict_bytes,
-    wait_for_quiet,
 )
 from benchmarks import peers as peers_mod  # noqa: E402
 
 import torch  # noqa: E402
 
 ALL_PEERS = ("fx", "ort", "openvino")
-BUSY_CORES = 0.2  # foreign load above which a timing is flagged
 
 
 def log(msg: str) -> None:
@@ -162,8 +161,8 @@ def bench_model(name: str, args, qcast_mod, workdir: str) -> Dict[str, Any]:
     res["latency"] = {}
     for b, bargs in bench_args.items():
         fns = {k: (lambda m=m, a=bargs: m(*a)) for k, m in runners.items()}
-        wait_for_quiet(args.wait_quiet)
-        stats = latency_stats_interleaved(fns, n=args.n, warmup=args.warmup)
+        stats = latency_stats_quiet(fns, n=args.n, warmup=args.warmup, wait_s=args.wait_quiet,
+                                    retries=args.retries, log=log)
         res["latency"][str(b)] = stats
         load = next(iter(stats.values()))["foreign_load"]
         log(f"[{name}] batch {b}: " + ", ".join(f"{k} {v['median']:.2f} ms" for k, v in stats.items())
@@ -175,7 +174,7 @@ def bench_model(name: str, args, qcast_mod, workdir: str) -> Dict[str, Any]:
         job_dir = os.path.join(workdir, f"job_{name}")
         data = {"calib": calib, "eval": eval_args, "ref": ref, "bench": bench_args}
         peers_mod.write_job(job_dir, name, source, model, data, n=args.n, warmup=args.warmup,
-                            wait_quiet=args.wait_quiet)
+                            wait_quiet=args.wait_quiet, retries=args.retries)
         for p in sub:
             t0 = time.perf_counter()
             r = peers_mod.run_peer_subprocess(p, job_dir, timeout=args.peer_timeout)
@@ -348,6 +347,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--wait-quiet", type=float, default=60, metavar="S",
                    help="before each timing block wait up to S seconds for other processes to go idle "
                         "(default: %(default)s; timings under foreign load are flagged either way)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="re-time a block this many times while other processes were busy (default: %(default)s)")
     p.add_argument("--keep-workdir", action="store_true", help="keep exported/quantized artifacts")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batch.split(",") if b.strip()]

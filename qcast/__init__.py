@@ -12,11 +12,12 @@ from .errors import (CalibrationError, CaptureError, ConfigError, FormatError, I
 from .prepare import ObservedModel, prepare
 from .quantized import OpInfo, QuantizedModel, explain
 from .serialize import load, save
+from .report import compare
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "prepare", "calibrate", "convert", "explain", "save", "load", "QuantConfig", "QuantizedModel", "ObservedModel",
+    "quantize", "prepare", "calibrate", "convert", "explain", "compare", "save", "load", "QuantConfig", "QuantizedModel", "ObservedModel",
     "OpInfo", "CalibrationSummary", "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
     "NotCalibratedError", "UnsupportedError", "FormatError", "__version__",
 ]

@@ -37,7 +37,11 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
                                "representative batches); a consumed generator yields nothing the second time")
     args, kwargs = first
     observed = prepare(model, kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args), config)
-    summary = calibrate(observed, _replay(first, calls), progress=progress)
+    total = len(calibration_data) if hasattr(calibration_data, "__len__") and not isinstance(calibration_data, dict) else None
+    if total is not None and not hasattr(calibration_data, "shape") and num_batches:
+        total = min(total, num_batches)
+    summary = calibrate(observed, _replay(first, calls), progress=progress,
+                        total=None if hasattr(calibration_data, "shape") else total)
     qmodel = convert(observed, backend=backend)
     qmodel.qcast_meta["example_input"] = describe(args, kwargs)
     qmodel.qcast_meta["calibration_summary"] = summary

@@ -51,13 +51,13 @@ def _progress(total: int | None, enabled: bool):
 
 
 def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None, num_batches: int | None = None,
-              progress: bool = True) -> CalibrationSummary:
+              progress: bool = True, total: int | None = None) -> CalibrationSummary:
     """Run ``calibration_data`` through ``observed`` (from ``prepare``); returns and stores a summary."""
     from .prepare import ObservedModel
 
     if not isinstance(observed, ObservedModel):
         raise CalibrationError(f"calibrate() needs the model returned by qcast.prepare(), got {type(observed).__name__}")
-    total = num_batches
+    total = total or num_batches
     if total is None and hasattr(calibration_data, "__len__") and not isinstance(calibration_data, (torch.Tensor, dict)):
         total = len(calibration_data)
     bar = _progress(total, progress)

@@ -37,8 +37,11 @@ class QConv(KernelModule):
     """Int8 conv/linear: quint8 activations, per-channel qint8 weights, float bias, fused post-ops."""
 
     def __init__(self, kind, weight_int8, weight_scales, bias=None, stride=(1,), padding=(0,), dilation=(1,),
-                 groups=1, out_scale=1.0, out_zero_point=0, act=None, add=False, clamp6=False, engine="onednn"):
+                 groups=1, out_scale=1.0, out_zero_point=0, act=None, add=False, clamp6=False, engine="onednn",
+                 clone_accum=False):
         super().__init__()
+        # conv2d_add writes its result into the accumulator's storage: clone it when the graph reads it later
+        self.clone_accum = bool(clone_accum)
         self.kind, self.act, self.add, self.clamp6, self.engine = kind, act, bool(add), bool(clamp6), engine
         self.stride, self.padding, self.dilation, self.groups = tuple(stride), tuple(padding), tuple(dilation), int(groups)
         self.out_scale, self.out_zero_point = float(out_scale), int(out_zero_point)
@@ -71,6 +74,8 @@ class QConv(KernelModule):
             old = torch.backends.quantized.engine
             torch.backends.quantized.engine = self.engine
             try:
+                if self.clone_accum:
+                    accum = accum.clone()
                 y = self._fn(x, accum, self._packed, self.out_scale, self.out_zero_point)
             finally:
                 torch.backends.quantized.engine = old
@@ -83,7 +88,7 @@ class QConv(KernelModule):
     def spec(self):
         config = dict(kind=self.kind, stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
                       groups=self.groups, out_scale=self.out_scale, out_zero_point=self.out_zero_point, act=self.act,
-                      add=self.add, clamp6=self.clamp6, engine=self.engine)
+                      add=self.add, clamp6=self.clamp6, engine=self.engine, clone_accum=self.clone_accum)
         tensors = {"weight_int8": self.weight_int8, "weight_scales": self.weight_scales}
         if self.bias is not None:
             tensors["bias"] = self.bias
@@ -164,4 +169,27 @@ class ConvKernel(KernelImpl):
     def build(node, ctx):
         qp = ctx.out_qparams(node)
         mod = QConv.from_float(ctx.module(node), qp.scale, qp.zero_point, ctx.plan(node).engine)
+        if mod.add:
+            mod.clone_accum = not _accum_dead_after(node, node.args[1])
         return mod, tuple(node.args)
+
+
+def _accum_dead_after(node: fx.Node, other: fx.Node) -> bool:
+    """Whether the accumulator's int8 buffer is read by nothing after ``node`` (so it may be overwritten).
+
+    Its aliases are the QDQ point and the value it marks; a passthrough user may be a view of the buffer.
+    """
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    aliases = {other}
+    if "qcast_observes" in other.meta:
+        aliases.add(other.args[0])
+    for alias in aliases:
+        for user in alias.users:
+            if user is node or user in aliases:
+                continue
+            plan = user.meta.get("qcast_plan")
+            if order[user] > order[node] or (plan is not None and plan.precision == "int8" and plan.kind == "passthrough"):
+                return False
+            if user.op == "output":
+                return False
+    return True

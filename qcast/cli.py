@@ -1,0 +1,150 @@
+"""qcast command line: a thin layer over the Python API.
+
+    qcast demo                                  quantize the bundled digits CNN, print size/latency/fidelity/layers
+    qcast quantize MODULE:FACTORY --calib PATH --out FILE
+    qcast explain FILE [--model MODULE:FACTORY]
+    qcast report FILE --model MODULE:FACTORY --inputs PATH [--json OUT] [--html OUT]
+    qcast ops                                   the supported-op table, from the kernel registry
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+from .errors import QcastError
+
+EXIT_USAGE, EXIT_ERROR = 2, 1
+
+
+def _load_factory(spec: str):
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise QcastError(f"expected MODULE:FACTORY (e.g. mypkg.models:build), got {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise QcastError(f"cannot load {spec!r}: {e}") from None
+    model = obj() if callable(obj) and not hasattr(obj, "forward") else obj
+    return model
+
+
+def _load_tensors(path: str):
+    """Calibration/inputs file: a safetensors file (each tensor one batch, or keys 'input_ids'... per batch)."""
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        raise QcastError(f"{path}: no such file")
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # noqa: BLE001
+        raise QcastError(f"{path}: not a safetensors file of input batches ({e})") from None
+    return [tensors[k] for k in sorted(tensors, key=lambda k: (len(k), k))]
+
+
+def _rows_table(rows) -> str:
+    w = max([len(r.name) for r in rows] + [4])
+    out = [f"{'op site':<{w}}  {'op':<18} {'prec':<5} {'engine':<12} reason"]
+    for r in rows:
+        out.append(f"{r.name:<{w}}  {r.op:<18} {r.precision:<5} {r.engine:<12} {r.reason}")
+    n8 = sum(r.precision == "int8" for r in rows)
+    cl = [r for r in rows if r.op in ("conv1d", "conv2d", "linear")]
+    out.append(f"{n8}/{len(rows)} ops int8; conv/linear int8: {sum(r.precision == 'int8' for r in cl)}/{len(cl)}")
+    return "\n".join(out)
+
+
+def cmd_ops(args) -> int:
+    from .kernels import kernels
+    rows = kernels(args.backend)
+    print(f"{'op':<20} {'backend':<8} {'kind':<12} {'engines':<14} notes")
+    for k in rows:
+        print(f"{k.op:<20} {k.backend:<8} {k.kind:<12} {','.join(k.engines):<14} {k.notes}")
+    print(f"\n{len(rows)} int8 ops. Every other op runs in float with dequantize/quantize inserted around it, "
+          "and qcast.explain() says so per op.")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    import qcast
+    model = _load_factory(args.model)
+    calib = _load_tensors(args.calib)
+    config = qcast.QuantConfig.from_json(open(args.config).read()) if args.config else None
+    t = time.perf_counter()
+    qmodel = qcast.quantize(model, calib, config=config, num_batches=args.num_batches)
+    qcast.save(qmodel, args.out)
+    print(f"quantized in {time.perf_counter() - t:.1f}s -> {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+    print(_rows_table(qcast.explain(qmodel)))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    import qcast
+    model = _load_factory(args.model) if args.model else None
+    print(_rows_table(qcast.explain(qcast.load(args.file, model=model))))
+    return 0
+
+
+def cmd_report(args) -> int:
+    import qcast
+    model = _load_factory(args.model)
+    qmodel = qcast.load(args.file, model=model)
+    report = qcast.compare(model, qmodel, _load_tensors(args.inputs))
+    print(report.table(args.limit))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json())
+    if args.html:
+        report.to_html(args.html)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcast", description="Turn a PyTorch model into a fast, accurate int8 model.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="quantize the bundled digits CNN and print what happened")
+    d.add_argument("--out", default=None, help="also save the int8 model to this file")
+    d.set_defaults(fn=cmd_demo)
+    q = sub.add_parser("quantize", help="quantize MODULE:FACTORY with calibration batches from a safetensors file")
+    q.add_argument("model", help="MODULE:FACTORY returning the float nn.Module (or MODULE:OBJECT)")
+    q.add_argument("--calib", required=True, help="safetensors file; each tensor is one calibration batch")
+    q.add_argument("--out", required=True, help="where to write the int8 model (.qcast)")
+    q.add_argument("--config", help="QuantConfig as a JSON file")
+    q.add_argument("--num-batches", type=int, default=None)
+    q.set_defaults(fn=cmd_quantize)
+    e = sub.add_parser("explain", help="per-op table of a saved int8 model")
+    e.add_argument("file")
+    e.add_argument("--model", help="MODULE:FACTORY of the float model (needed if the file has uncaptured regions)")
+    e.set_defaults(fn=cmd_explain)
+    r = sub.add_parser("report", help="per-layer SQNR of a saved int8 model against its float model")
+    r.add_argument("file")
+    r.add_argument("--model", required=True)
+    r.add_argument("--inputs", required=True, help="safetensors file of input batches")
+    r.add_argument("--limit", type=int, default=20)
+    r.add_argument("--json")
+    r.add_argument("--html")
+    r.set_defaults(fn=cmd_report)
+    o = sub.add_parser("ops", help="the supported-op table (from the kernel registry)")
+    o.add_argument("--backend", default=None)
+    o.set_defaults(fn=cmd_ops)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except QcastError as e:
+        print(f"qcast: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
