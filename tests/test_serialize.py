@@ -1,0 +1,78 @@
+"""save/load: bit-exact round trip, no pickle, clear errors for truncated/tampered/newer files."""
+import json
+import os
+
+import pytest
+import torch
+
+import qcast
+from tests.models import ZOO, flatten_output, randomize_bn_stats
+
+
+def _quantized(name="resnet18"):
+    fac, inp = ZOO[name]
+    m = fac().eval()
+    randomize_bn_stats(m, 0)
+    q = qcast.quantize(m, [inp(batch=2, seed=s) for s in range(4)], progress=False)
+    return m, q, inp(batch=2, seed=9)
+
+
+def test_round_trip_is_bit_exact_and_small(tmp_path):
+    m, q, x = _quantized("resnet18")
+    path = tmp_path / "m.qcast"
+    qcast.save(q, path)
+    q2 = qcast.load(path)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+    assert [r for r in qcast.explain(q2)] == [r for r in qcast.explain(q)]
+    torch.save(m.state_dict(), tmp_path / "f.pt")
+    assert os.path.getsize(path) <= 0.3 * os.path.getsize(tmp_path / "f.pt")
+
+
+def test_file_needs_float_model_for_user_regions(tmp_path):
+    m, q, x = _quantized("user_unet")
+    path = tmp_path / "u.qcast"
+    qcast.save(q, path)
+    with pytest.raises(qcast.FormatError, match="model=model"):
+        qcast.load(path)
+    q2 = qcast.load(path, model=m)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+
+
+def test_truncated_tampered_and_newer_files(tmp_path):
+    _, q, _ = _quantized("cifar_vgg_bn")
+    path = tmp_path / "m.qcast"
+    qcast.save(q, path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.qcast").write_bytes(data[: len(data) // 2])
+    with pytest.raises(qcast.FormatError, match="truncated|corrupted"):
+        qcast.load(tmp_path / "trunc.qcast")
+    tampered = bytearray(data)
+    tampered[-10] ^= 0xFF
+    (tmp_path / "tampered.qcast").write_bytes(bytes(tampered))
+    with pytest.raises(qcast.FormatError, match="checksum"):
+        qcast.load(tmp_path / "tampered.qcast")
+    # a newer format version is refused with the upgrade hint
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    manifest = json.loads(header["__metadata__"]["qcast_manifest"])
+    manifest["version"] = 999
+    header["__metadata__"]["qcast_manifest"] = json.dumps(manifest)
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    (tmp_path / "newer.qcast").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(qcast.FormatError, match="newer qcast"):
+        qcast.load(tmp_path / "newer.qcast")
+    with pytest.raises(qcast.FormatError, match="no such file"):
+        qcast.load(tmp_path / "missing.qcast")
+
+
+def test_save_writes_no_pickle(tmp_path):
+    _, q, _ = _quantized("cifar_vgg_bn")
+    path = tmp_path / "m.qcast"
+    qcast.save(q, path)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        assert "qcast_manifest" in f.metadata()
+    assert b"\x80\x04" not in path.read_bytes()[:64]  # not a pickle stream
