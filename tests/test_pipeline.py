@@ -6,7 +6,7 @@ import torch
 
 import qcast
 from qcast.report import sqnr
-from tests.models import ZOO, flatten_output, randomize_bn_stats
+from tests.models import ZOO, flatten_output, randomize_bn_stats, seed_everything
 
 # measured on this machine (output SQNR, dB, min over 3 held-out batches): resnet18 31.9, resnet50 ~33,
 # vgg16_bn 28.6, cifar_vgg_bn ~35, tsn_r50 34.2, blazeface 35.5, mobilenet_v2 37.7
@@ -15,6 +15,7 @@ CNNS = {"resnet18": 28, "resnet50": 28, "vgg16_bn": 25, "cifar_vgg_bn": 30, "tsn
 
 
 def _build(name):
+    seed_everything(0)  # weights must not depend on which tests ran before
     fac, inp = ZOO[name]
     m = fac().eval()
     randomize_bn_stats(m, 0)
