@@ -1,0 +1,190 @@
+"""QuantConfig: validation, JSON round trip, and skip / per_layer as seen through explain()."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+
+import pytest
+import torch
+
+import qcast
+from qcast import ConfigError, QuantConfig
+from tests.helpers import build_zoo, sqnr, zoo_calibration
+
+
+def _resnet_quantized(config):
+    model, input_fn = build_zoo("resnet18")
+    qmodel = qcast.quantize(model, zoo_calibration(input_fn), config=config, progress=False)
+    return model, qmodel, input_fn(batch=2, seed=10_000)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation and JSON
+# ------------------------------------------------------------------------------------------------
+FULL = QuantConfig(skip=["layer4.*", "add"], calibration="percentile", percentile=99.9, engine="auto",
+                   per_layer={"fc": {"activation": "float"}, "layer1.*": {"engine": "onednn", "calibration": "minmax"}})
+
+
+@pytest.mark.parametrize("config", [QuantConfig(), FULL], ids=["default", "full"])
+def test_json_round_trip(config):
+    text = config.to_json()
+    data = json.loads(text)  # plain JSON, every field present
+    assert set(data) == {f.name for f in dataclasses.fields(QuantConfig)}
+    back = QuantConfig.from_json(text)
+    assert back == config
+    assert back.to_json() == text
+    assert QuantConfig.from_dict(config.to_dict()) == config
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FULL.calibration = "minmax"
+    with pytest.raises(TypeError):
+        FULL.per_layer["fc"] = {"activation": "int8"}  # nested overrides are read-only too
+    assert FULL.replace(calibration="mse").calibration == "mse" and FULL.calibration == "percentile"
+
+
+@pytest.mark.xfail(strict=True, reason="bug: QuantConfig is a frozen dataclass but hash() raises TypeError "
+                                       "(per_layer is stored as an unhashable mappingproxy)")
+def test_config_is_hashable():
+    assert hash(FULL) == hash(QuantConfig.from_json(FULL.to_json()))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: QuantConfig.from_json('{"calibration": "mse", "calibraton": "minmax"}'),
+    lambda: QuantConfig.from_dict({"calibraton": "minmax"}),
+    lambda: QuantConfig().replace(calibraton="minmax"),
+    lambda: qcast.quantize(torch.nn.Conv2d(3, 3, 1), [torch.randn(1, 3, 4, 4)], config={"calibraton": "minmax"},
+                           progress=False),
+], ids=["from_json", "from_dict", "replace", "quantize(config=dict)"])
+def test_unknown_key_is_a_config_error_naming_the_key(call):
+    with pytest.raises(ConfigError, match="calibraton"):
+        call()
+
+
+def test_unknown_per_layer_key_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match="precision"):
+        QuantConfig(per_layer={"fc": {"precision": "float"}})
+    with pytest.raises(ConfigError, match="fc"):
+        QuantConfig(per_layer={"fc": "float"})
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"calibration": "kl"}, "calibration"),
+    ({"per_layer": {"layer1.*": {"calibration": "entropy"}}}, "layer1"),
+    ({"engine": "tensorrt"}, "engine"),
+    ({"activation": "int4"}, "activation"),
+    ({"weight": "int4"}, "weight"),
+    ({"percentile": 120.0}, "percentile"),
+    ({"skip": "layer4.*"}, "skip"),
+])
+def test_bad_values_are_config_errors(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        QuantConfig(**kwargs)
+    assert isinstance(e.value, qcast.QcastError) and isinstance(e.value, ValueError)
+
+
+def test_bad_estimator_lists_the_allowed_ones():
+    with pytest.raises(ConfigError) as e:
+        QuantConfig.from_json('{"calibration": "kl"}')
+    assert all(name in str(e.value) for name in ("minmax", "ema", "percentile", "mse"))
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_malformed_json_is_a_config_error(text):
+    with pytest.raises(ConfigError):
+        QuantConfig.from_json(text)
+
+
+def test_config_of_wrong_type_is_a_config_error():
+    with pytest.raises(ConfigError, match="QuantConfig"):
+        qcast.quantize(torch.nn.Conv2d(3, 3, 1), [torch.randn(1, 3, 4, 4)], config="minmax", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# skip and per_layer, through explain()
+# ------------------------------------------------------------------------------------------------
+def test_skip_by_glob_keeps_those_layers_float():
+    model, qmodel, x = _resnet_quantized(QuantConfig(skip=["layer4.*"]))
+    rows = qcast.explain(qmodel)
+    inside = [r for r in rows if r.name.startswith("layer4.")]
+    assert {r.op for r in inside} >= {"conv2d", "add", "relu"}  # the block is not fused away while skipped
+    for r in inside:
+        assert r.precision == "float" and r.engine == "torch-float", r
+        assert "layer4.*" in r.reason, r
+    outside = [r for r in rows if r.op == "conv2d" and not r.name.startswith("layer4.")]
+    assert len(outside) == 15 and all(r.precision == "int8" for r in outside)
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) >= 32.0  # measured 34.8 dB
+
+
+def test_skip_by_op_name_keeps_every_such_op_float():
+    model, qmodel, x = _resnet_quantized(QuantConfig(skip=["add"]))
+    rows = qcast.explain(qmodel)
+    adds = [r for r in rows if r.op == "add"]
+    assert len(adds) == 8  # one residual add per BasicBlock, no longer fused into a conv
+    for r in adds:
+        assert r.precision == "float" and "'add'" in r.reason, r
+    assert [r.name for r in adds][:2] == ["layer1.0:add", "layer1.1:add"]
+    convs = [r for r in rows if r.op == "conv2d"]
+    assert all(r.precision == "int8" and "add" not in r.reason for r in convs)
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) >= 31.0  # measured 34.2 dB
+
+
+def test_skip_exact_module_path():
+    model, qmodel, x = _resnet_quantized(QuantConfig(skip=["fc", "conv1"]))
+    rows = {r.name: r for r in qcast.explain(qmodel)}
+    assert rows["fc"].precision == "float" and "'fc'" in rows["fc"].reason
+    assert rows["conv1"].precision == "float" and "'conv1'" in rows["conv1"].reason
+    assert rows["layer1.0.conv1"].precision == "int8"  # 'conv1' is a path, not a glob matching every conv1
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) >= 32.0  # measured 35.3 dB
+
+
+def test_per_layer_activation_float_and_calibration_override():
+    config = QuantConfig(per_layer={"fc": {"activation": "float"}, "conv1": {"calibration": "minmax"}})
+    model, qmodel, x = _resnet_quantized(config)
+    rows = {r.name: r for r in qcast.explain(qmodel)}
+    assert rows["fc"].precision == "float" and "activation" in rows["fc"].reason
+    assert rows["conv1"].precision == "int8"
+    estimators = {r.name: r.estimator for r in qmodel.qcast_meta["calibration_summary"].ranges}
+    assert estimators["conv1"] == "minmax"
+    assert estimators["layer1.0.conv1"] == "mse"  # everything else keeps the global estimator
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) >= 32.0  # measured 35.5 dB
+
+
+def test_per_layer_last_matching_override_wins():
+    config = QuantConfig(per_layer={"layer*": {"calibration": "minmax"}, "layer2.*": {"calibration": "percentile"}})
+    assert config.setting("calibration", "layer1.0.conv1", "conv2d") == "minmax"
+    assert config.setting("calibration", "layer2.0.conv1", "conv2d") == "percentile"
+    assert config.setting("calibration", "fc", "linear") == "mse"
+    assert fnmatch.fnmatchcase("layer2.0.conv1", "layer2.*")
+
+
+def test_per_layer_engine_override():
+    if "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("the x86 int8 engine is not in this torch build")
+    config = QuantConfig(per_layer={"layer1.*.conv1": {"engine": "x86"}})
+    model, qmodel, x = _resnet_quantized(config)
+    rows = {r.name: r for r in qcast.explain(qmodel)}
+    for name in ("layer1.0.conv1", "layer1.1.conv1"):
+        assert rows[name].precision == "int8" and rows[name].engine == "x86", rows[name]
+        assert "reduce_range" in rows[name].reason  # x86 needs 7-bit activations, and says so
+    assert rows["layer2.0.conv1"].engine == "onednn"
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) >= 30.0  # measured 33.6 dB
+
+
+@pytest.mark.xfail(strict=True, reason="bug: with engine='x86', a conv fused with a residual add goes float with the "
+                                       "reason 'no int8 engine accepts this layer ()' - empty, it does not say that "
+                                       "conv+add fusion needs onednn")
+def test_fixed_engine_on_residual_convs_is_int8_or_explained():
+    if "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("the x86 int8 engine is not in this torch build")
+    _, qmodel, _ = _resnet_quantized(QuantConfig(engine="x86"))
+    for r in qcast.explain(qmodel):
+        if r.op == "conv2d" and r.precision == "float":
+            assert "onednn" in r.reason or "add" in r.reason, r
