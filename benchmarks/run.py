@@ -174,7 +174,7 @@ def bench_model(name: str, args, qcast_mod, workdir: str) -> Dict[str, Any]:
         job_dir = os.path.join(workdir, f"job_{name}")
         data = {"calib": calib, "eval": eval_args, "ref": ref, "bench": bench_args}
         peers_mod.write_job(job_dir, name, source, model, data, n=args.n, warmup=args.warmup,
-                            wait_quiet=args.wait_quiet, retries=args.retries)
+                            wait_quiet=args.wait_quiet, retries=args.retries, ort_spin=args.ort_spin)
         for p in sub:
             t0 = time.perf_counter()
             r = peers_mod.run_peer_subprocess(p, job_dir, timeout=args.peer_timeout)
@@ -244,7 +244,9 @@ def render_markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         "Latency: median ms of "
         f"{meta['n']} interleaved runs ({meta['warmup']} warm-up); (N×) = speedup over torch fp32 eager. "
         "torch fp32 / qcast / FX are timed interleaved in one process; ONNX Runtime and OpenVINO each in "
-        "their own process. OV default float is OpenVINO's default inference precision "
+        "their own process (ORT with intra-op spinning "
+        f"{'on, its sessions timed one after the other' if meta.get('ort_spin') else 'off, so its two sessions can be interleaved fairly'}). "
+        "OV default float is OpenVINO's default inference precision "
         f"({meta.get('ov_default_precision') or 'see JSON'}).\n"
     )
     busy = False
@@ -273,27 +275,28 @@ def render_markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         "qcast = qcast.save file; FX = quantized state_dict; ORT = int8 .onnx; OV = int8 IR (.xml+.bin). "
         "Quantize s = float module to int8 artifact (ORT excludes the ONNX export; OV includes convert_model).\n"
     )
-    hdr = (["model", "params M"] + [f"SQNR {h}" for h, _ in ENGINE_COLS] + ["MB float"]
-           + [f"MB {h}" for h, _ in ENGINE_COLS] + [f"quantize s {h}" for h, _ in ENGINE_COLS])
+    engine_cols = [(h, k) for h, k in ENGINE_COLS if any(k in r["engines"] for r in results)]
+    hdr = (["model", "params M"] + [f"SQNR {h}" for h, _ in engine_cols] + ["MB float"]
+           + [f"MB {h}" for h, _ in engine_cols] + [f"quantize s {h}" for h, _ in engine_cols])
     L.append("| " + " | ".join(hdr) + " |")
     L.append("|---|" + "---:|" * (len(hdr) - 1))
     for r in results:
         E = r["engines"]
         row = [r["model"], _fmt(r["params_m"])]
-        for _, k in ENGINE_COLS:
+        for _, k in engine_cols:
             e = E.get(k) or {}
             q = e.get("sqnr")
             if isinstance(q, dict):
                 q = q.get("int8")
             row.append(_fmt(q, 1) if e.get("status") == "ok" else "—")
         row.append(_fmt(E["fp32"]["size_mb"]))
-        for _, k in ENGINE_COLS:
+        for _, k in engine_cols:
             e = E.get(k) or {}
             size = e.get("size_mb")
             if isinstance(size, dict):
                 size = size.get("int8")
             row.append(_fmt(size) if e.get("status") == "ok" else "—")
-        for _, k in ENGINE_COLS:
+        for _, k in engine_cols:
             e = E.get(k) or {}
             row.append(_fmt(e.get("quantize_s"), 1) if e.get("status") == "ok" else "—")
         L.append("| " + " | ".join(row) + " |")
@@ -347,6 +350,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--wait-quiet", type=float, default=60, metavar="S",
                    help="before each timing block wait up to S seconds for other processes to go idle "
                         "(default: %(default)s; timings under foreign load are flagged either way)")
+    p.add_argument("--ort-spin", action="store_true",
+                   help="keep ONNX Runtime's thread spinning on (then its fp32/int8 sessions are timed one "
+                        "after the other, not interleaved; default: spinning off, interleaved)")
     p.add_argument("--retries", type=int, default=2,
                    help="re-time a block this many times while other processes were busy (default: %(default)s)")
     p.add_argument("--keep-workdir", action="store_true", help="keep exported/quantized artifacts")
@@ -367,7 +373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta.update(
         date=datetime.datetime.now().strftime("%Y-%m-%d"),
         command="python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        n=args.n, warmup=args.warmup, calib=args.calib, eval_samples=args.eval_samples, bn_stats=args.bn_stats,
+        n=args.n, warmup=args.warmup, ort_spin=args.ort_spin, calib=args.calib, eval_samples=args.eval_samples, bn_stats=args.bn_stats,
         python=platform.python_version(),
         peer_versions={},
     )
