@@ -62,9 +62,9 @@ class QuantizedModel(nn.Module):
             raise self._diagnose(args, kwargs, e) from e
 
     def _diagnose(self, args, kwargs, original: Exception) -> QcastError:
-        from .data import describe
+        from .data import describe, tensors_in
 
-        for path, t in _tensors((args, kwargs)):
+        for path, t in tensors_in((args, kwargs)):
             if t.device.type != "cpu":
                 return InputError(f"input{path} is on {t.device}; this int8 model runs on CPU: pass CPU tensors")
         failing = {"node": None}
@@ -91,17 +91,6 @@ class QuantizedModel(nn.Module):
     def extra_repr(self) -> str:
         n8 = sum(r.precision == "int8" for r in self.qcast_records)
         return f"qcast int8 model: {n8}/{len(self.qcast_records)} ops int8, backend={self.qcast_meta.get('backend')}"
-
-
-def _tensors(obj, path=""):
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{path}[{k!r}]")
-    elif isinstance(obj, (tuple, list)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{path}[{i}]")
 
 
 def explain(qmodel) -> list[OpInfo]:

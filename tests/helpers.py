@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
-import math
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import qcast
+from qcast.report import sqnr as qcast_sqnr
 from tests.models import ZOO, flatten_output, randomize_bn_stats, seed_everything
 
 #: calibration protocol used everywhere: 8 batches of 2, held-out test input from another seed
@@ -42,13 +42,8 @@ def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     assert isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor), (type(ref), type(out))
     assert not out.is_quantized, "a quantized tensor leaked out of the model"
     assert ref.shape == out.shape, f"shape mismatch: float {tuple(ref.shape)} vs quantized {tuple(out.shape)}"
-    ref, out = ref.detach().double(), out.detach().double()
     assert torch.isfinite(out).all(), "non-finite values in the quantized output"
-    noise = float(((ref - out) ** 2).sum())
-    signal = float((ref ** 2).sum())
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise)
+    return qcast_sqnr(ref, out)  # the same sqnr() users get from qcast.report
 
 
 def leaf_sqnrs(ref_out: Any, q_out: Any) -> list[float]:

@@ -30,13 +30,7 @@ from ..quantized import QuantizedModel
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when identical)."""
     ref, out = ref.detach().double(), out.detach().double()
-    noise = (ref - out).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
+    return _db(ref.pow(2).sum().item(), (ref - out).pow(2).sum().item())
 
 
 def _leaves(obj: Any) -> list[torch.Tensor]:
