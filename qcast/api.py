@@ -9,7 +9,7 @@ import torch.nn as nn
 from .calibrate import calibrate
 from .config import QuantConfig
 from .convert import convert
-from .data import describe, iter_calls
+from .data import check_finite, describe, iter_calls
 from .errors import CalibrationError, UnsupportedError
 from .prepare import as_config, prepare
 from .quantized import QuantizedModel
@@ -36,6 +36,9 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
         raise CalibrationError("calibration_data yielded no batches: pass at least one input (e.g. 8-32 "
                                "representative batches); a consumed generator yields nothing the second time")
     args, kwargs = first
+    # the first batch doubles as prepare()'s example input: check it here so an error names it as the
+    # calibration batch it is (prepare would call it "example_inputs", an argument the user never passed)
+    check_finite(args, kwargs, "calibration batch 0")
     observed = prepare(model, kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args), config)
     total = len(calibration_data) if hasattr(calibration_data, "__len__") and not isinstance(calibration_data, dict) else None
     if total is not None and not hasattr(calibration_data, "shape") and num_batches:

@@ -198,8 +198,39 @@ def bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[str],
     return list(bound.arguments), list(bound.arguments.values())
 
 
+def materialize_parametrizations(model: nn.Module) -> None:
+    """Replace each ``torch.nn.utils.parametrize`` parametrization (weight_norm, spectral_norm, orthogonal...)
+    by the tensor it computes, in place on ``model`` (a private eval-mode copy).
+
+    In eval mode a parametrized weight is a fixed function of its originals, so the layer computes exactly
+    what it did; afterwards it is the plain layer again (a ``ParametrizedConv2d`` becomes an ``nn.Conv2d``):
+    a leaf of the trace that BN folding, fusion and the int8 kernels handle like any other, and the weight
+    they quantize is the effective one.
+
+    Not ``parametrize.remove_parametrizations``: it deletes the property from the injected
+    ``Parametrized<Layer>`` class, which a deepcopy shares with the user's model (that would break theirs),
+    and it may write into the original tensor in place. Here only the copy's own state changes.
+    """
+    from torch.nn.utils import parametrize
+
+    for mod in [m for m in model.modules() if parametrize.is_parametrized(m)]:
+        values = {}
+        with torch.no_grad():
+            for name, plist in mod.parametrizations.items():
+                first = plist.original if plist.is_tensor else plist.original0
+                values[name] = (getattr(mod, name).detach().clone(), isinstance(first, nn.Parameter))
+        del mod._modules["parametrizations"]
+        mod.__class__ = type(mod).__bases__[0]  # Parametrized<Layer> -> <Layer>, as remove_parametrizations does
+        for name, (value, is_param) in values.items():
+            if is_param:
+                mod.register_parameter(name, nn.Parameter(value, requires_grad=False))
+            else:
+                mod.register_buffer(name, value)
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     """Trace ``model`` (already a private eval-mode copy) into a GraphModule with per-node metadata."""
+    materialize_parametrizations(model)
     names, _ = bind_inputs(model, args, kwargs)
     concrete = _concrete_args(model, set(names))
     opaque_paths: dict[str, str] = {}

@@ -2,7 +2,7 @@
 
 Per-layer control is by module-path glob (``"layer4.*"``, ``"classifier"``) or op name
 (``"add"``, ``"linear"``) in ``skip`` (kept in float) and ``per_layer`` (overrides).
-Unknown keys are an error, never silently ignored.
+Unknown keys are an error, never silently ignored; so is a pattern that matches no op of the model (at prepare).
 """
 from __future__ import annotations
 
@@ -77,6 +77,13 @@ class QuantConfig:
         if not (50.0 < float(self.percentile) <= 100.0):
             raise ConfigError(f"QuantConfig.percentile must be in (50, 100], got {self.percentile}")
 
+    def __hash__(self) -> int:
+        # the generated dataclass hash would hash the per_layer mappingproxy (unhashable). __eq__ compares
+        # per_layer as a dict (order-insensitive), so the hash freezes it into a frozenset of frozen items.
+        per_layer = frozenset((glob, frozenset(over.items())) for glob, over in self.per_layer.items())
+        return hash(tuple(per_layer if f.name == "per_layer" else getattr(self, f.name)
+                          for f in dataclasses.fields(self)))
+
     @staticmethod
     def _check(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
@@ -95,6 +102,12 @@ class QuantConfig:
             if self._matches(pattern, name, op, module_path):
                 return pattern
         return None
+
+    def unmatched(self, ops: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+        """``(field, pattern)`` for each ``skip`` / ``per_layer`` pattern matching none of ``ops``
+        (``(name, op, module_path)`` triples): a pattern that matches nothing is a typo, not a choice."""
+        fields = [("skip", p) for p in self.skip] + [("per_layer", p) for p in self.per_layer]
+        return [(f, p) for f, p in fields if not any(self._matches(p, *o) for o in ops)]
 
     def setting(self, key: str, name: str, op: str, module_path: str = "") -> Any:
         """The value of ``key`` for this op: the last matching per_layer override, else the global."""

@@ -72,6 +72,7 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
     root: dict[str, object] = {}
     env_f: dict[fx.Node, fx.Node] = {}
     env_q: dict[fx.Node, fx.Node] = {}
+    sites: dict[str, int] = {}  # module path -> call sites lowered so far
 
     def F(n):  # float value of n in the new graph
         if n in env_f:
@@ -109,7 +110,13 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
             pick = lambda a: Q(a) if a in qin else float_arg(a)  # noqa: E731
             if plan.kind == "compute" or hasattr(impl, "build") and plan.kind == "passthrough" and n.op != "call_module" and plan.op in ("add", "mul"):
                 mod, args = impl.build(n, ctx)
-                target = n.target if n.op == "call_module" else "qcast_k." + _safe(plan.name)
+                if n.op == "call_module":
+                    # each call site of a module has its own output params, so its own kernel: the first keeps
+                    # the module's path, the others get '<path>__qcast_site<k>'
+                    k = sites[n.target] = sites.get(n.target, -1) + 1
+                    target = n.target if k == 0 else f"{n.target}__qcast_site{k}"
+                else:
+                    target = "qcast_k." + _safe(plan.name)
                 root[target] = mod
                 env_q[n] = graph.call_module(target, fx.map_arg(args, pick))
             else:

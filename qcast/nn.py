@@ -18,6 +18,14 @@ ACTIVATIONS = {
 _BASE_OP = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
 
 
+def base_op(conv: nn.Module) -> str:
+    """``conv1d`` / ``conv2d`` / ``linear`` for a conv/linear layer, subclasses included."""
+    for cls, op in _BASE_OP.items():
+        if isinstance(conv, cls):
+            return op
+    raise TypeError(f"{type(conv).__name__} is not a Conv1d, Conv2d or Linear layer; it cannot be fused")
+
+
 class FusedConv(nn.Module):
     """``act(conv(x) [+ other])`` for a conv/linear whose BatchNorm is already folded in.
 
@@ -34,7 +42,7 @@ class FusedConv(nn.Module):
         self.conv = conv
         self.act = act
         self.add = add
-        self.qcast_op = _BASE_OP[type(conv)]
+        self.qcast_op = base_op(conv)
 
     @property
     def qcast_fused(self) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ import torch.nn as nn
 from .capture import TensorMeta
 from .config import QuantConfig
 from .kernels import Kernel, lookup
+from .kernels.engines import available
 
 HIDDEN_OPS = {"getitem", "size", "dim", "contiguous"}
 
@@ -120,6 +121,12 @@ def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: b
     inputs = kernel.impl.quant_inputs(node)
     if not inputs:
         return "has no tensor input to quantize"
+    for inp in inputs:  # only floating-point tensors are observed and quantized (never a number argument)
+        meta = inp.meta.get("qcast_val")
+        if meta is None or (isinstance(meta, TensorMeta) and not meta.is_float):
+            what = "not a tensor (a number or other value)" if meta is None else f"a {meta.dtype} tensor"
+            return (f"its operand {inp.meta.get('qcast_name', inp.name)} is {what}, not a floating-point tensor; "
+                    "only floating-point tensors are quantized, so it runs in float")
     passthrough = kernel.impl.kind_of(node, kernel.kind) in ("passthrough", "fixed")
     if passthrough and not all(is_int8(i) for i in inputs):
         src = next(i for i in inputs if not is_int8(i))
@@ -130,7 +137,20 @@ def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: b
         try:
             p.engine = kernel.impl.engine(node, ctx)
         except RuntimeError as e:
-            return str(e)
+            return _no_engine_reason(node, ctx, str(e))
     else:
         p.engine = "native"
     return None
+
+
+def _no_engine_reason(node, ctx: Ctx, error: str) -> str:
+    """The reason a layer no engine accepts runs in float: the engines' errors, or (when there are none to
+    show) what the config asked for and what this PyTorch build has. Never empty."""
+    if error.strip() and not error.rstrip().endswith("()"):
+        return error
+    wanted = ctx.setting(node, "engine")
+    fused = getattr(ctx.modules.get(node.target), "qcast_fused", ()) if node.op == "call_module" else ()
+    return (f"no int8 engine can run this layer: the config asks for engine={wanted!r}"
+            + (" and its fused residual add (conv2d_add) exists only on onednn" if "add" in fused else "")
+            + f"; int8 engines in this PyTorch build: {available()}. Pick another with QuantConfig(engine=...) "
+            "or per_layer, or keep the layer in float with skip=[...]; runs in float")

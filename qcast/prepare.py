@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import re
 from typing import Any
 
 import torch
@@ -10,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import passes
-from .capture import bind_inputs, capture, propagate_shapes, remove_stubs
+from .capture import MODULE_OPS, bind_inputs, capture, is_float_tensor, propagate_shapes, remove_stubs
 from .config import QuantConfig
 from .data import as_call, check_finite
 from .errors import CaptureError, ConfigError, UnsupportedError
@@ -83,18 +85,58 @@ def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | dict | 
     with torch.no_grad():
         captured = capture(work, args, kwargs)
         gm = captured.gm
+        check_patterns(gm, config, captured.opaque, work)
         remove_stubs(gm)
         _debug("capture", gm)
-        passes.fold_bn(gm)
-        _debug("fold_bn", gm)
-        passes.fuse(gm, config)
-        _debug("fuse", gm)
         names, values = bind_inputs(work, args, kwargs)
-        propagate_shapes(gm, placeholder_values(gm, names, values))
+        transform(gm, config, placeholder_values(gm, names, values))
         plan_graph(gm, config, captured.opaque)
         insert_observers(gm, config)
         _debug("observe", gm)
     return ObservedModel(gm, config, captured.opaque, captured.input_names)
+
+
+def check_patterns(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str], model: nn.Module) -> None:
+    """Raise ConfigError for a ``skip`` / ``per_layer`` pattern that matches no op of the captured model (it would
+    otherwise be ignored without a word). Layers inside uncaptured regions count: explain() lists them."""
+    ops = [(n.meta["qcast_name"], n.meta["qcast_op"], n.meta.get("qcast_path", "")) for n in gm.graph.nodes
+           if n.op in ("call_module", "call_function", "call_method")]
+    for path in opaque:
+        for sub, m in model.get_submodule(path).named_modules():
+            if sub:
+                op = next((MODULE_OPS[c] for c in type(m).__mro__ if c in MODULE_OPS), type(m).__name__)
+                ops.append((f"{path}.{sub}", op, f"{path}.{sub}"))
+    bad = config.unmatched(ops)
+    if not bad:
+        return
+    field, pattern = bad[0]
+    names = list(dict.fromkeys(name for name, _, _ in ops))
+    ops_seen = sorted({op for _, op, _ in ops if op})
+    literal = re.split(r"[*?\[]", pattern)[0]  # 'layer1' in 'layer1', 'fc.weight' -> 'fc', 'layer5.*' -> 'layer5.'
+    close = ([n for n in names if literal and (n.startswith(literal) or literal.startswith(n + "."))][:5]
+             or difflib.get_close_matches(pattern, names + ops_seen, n=5, cutoff=0.6))
+    examples = close or names[:6]
+    others = [p for _, p in bad[1:]]
+    container = any(n.startswith(pattern + ".") for n in names)
+    raise ConfigError(
+        f"QuantConfig.{field} pattern {pattern!r} matches no layer or op of {type(model).__name__}"
+        + (f" (nor do {others})" if others else "") + ". "
+        + (f"'{pattern}' is a container module; to match the layers inside it use '{pattern}.*'. " if container else "")
+        + "A pattern is a module-path glob ('layer1.*'), a name as qcast.explain() shows it ('layer1.0:add'), or an "
+        f"op name ({', '.join(repr(o) for o in ops_seen[:8])}); "
+        f"{'close matches' if close else 'some names in this model'}: {examples}. Fix the pattern or remove it.")
+
+
+def transform(gm: fx.GraphModule, config: QuantConfig, values: list[Any]) -> None:
+    """The graph passes, in place: fold BN, then fuse. Fusing a residual add depends on shapes, so shapes are
+    propagated (``node.meta['qcast_val']``) before ``fuse`` and again after it for the nodes it creates.
+    ``compare`` runs this too, so its float graph has the same op names as the quantized one."""
+    passes.fold_bn(gm)
+    _debug("fold_bn", gm)
+    propagate_shapes(gm, values)
+    passes.fuse(gm, config)
+    _debug("fuse", gm)
+    propagate_shapes(gm, values)
 
 
 def _origin(node: fx.Node) -> fx.Node:
@@ -122,6 +164,10 @@ def insert_observers(gm: fx.GraphModule, config: QuantConfig) -> None:
                 spec["qmax"] = 127
     for i, (value, spec) in enumerate(sorted(wanted.items(), key=lambda kv: list(gm.graph.nodes).index(kv[0]))):
         vname = value.meta.get("qcast_name", value.name)
+        if not is_float_tensor(value):  # plan_graph keeps such ops in float; an observer here would never see data
+            raise UnsupportedError(f"internal error: {vname} would be observed for int8 but is not a floating-point "
+                                   "tensor; please report this with the model. Workaround: QuantConfig(skip=[...]) "
+                                   "on the ops that consume it")
         obs = (FixedQParamsObserver(vname, spec["fixed"]) if "fixed" in spec
                else make_observer(spec["estimator"], vname, qmax=spec["qmax"], percentile=config.percentile))
         target = f"qcast_obs_{i}"

@@ -52,6 +52,8 @@ class QuantizedModel(nn.Module):
         self.graph_module = graph_module
         self.qcast_records = tuple(records)
         self.qcast_meta = dict(meta)
+        # an int8 model is for inference only: hand it out (from convert, quantize and load) in eval mode
+        self.eval()
 
     def forward(self, *args, **kwargs):
         try:

@@ -89,8 +89,6 @@ def test_nonfinite_batch_through_calibrate_names_the_batch_index():
         qcast.calibrate(observed, _batches(3) + [_with_nonfinite(float("nan"))], progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a NaN in the FIRST calibration batch passed to quantize() is reported as "
-                                       "'example_inputs: ...' (an argument the user never passed) with no batch index")
 def test_nonfinite_first_batch_names_batch_0():
     with pytest.raises(CalibrationError, match=r"\bbatch 0\b"):
         qcast.quantize(_net(), [_with_nonfinite(float("nan"))] + _batches(3), config=FAST, progress=False)

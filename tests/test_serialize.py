@@ -76,3 +76,27 @@ def test_save_writes_no_pickle(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         assert "qcast_manifest" in f.metadata()
     assert b"\x80\x04" not in path.read_bytes()[:64]  # not a pickle stream
+
+
+def test_loaded_model_is_in_eval_mode_and_keeps_a_kernel_per_call_site(tmp_path):
+    class Shared(torch.nn.Module):  # one conv called on inputs of very different ranges
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3)
+
+        def forward(self, big, small):
+            return self.conv(big), self.conv(small)
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 4, 12, 12, generator=g) * 8.0, torch.randn(2, 4, 12, 12, generator=g)) for _ in range(4)]
+    q = qcast.quantize(Shared().eval(), data, progress=False)
+    path = tmp_path / "shared.qcast"
+    qcast.save(q, path)
+    q2 = qcast.load(path)
+    assert not q2.training
+    assert {n.target for n in q2.graph_module.graph.nodes if n.op == "call_module"} == {"conv", "conv__qcast_site1"}
+    with torch.no_grad():
+        for a, b in zip(q(*data[0]), q2(*data[0])):
+            assert torch.equal(a, b)
+    assert qcast.explain(q2) == qcast.explain(q)

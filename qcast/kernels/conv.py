@@ -175,21 +175,42 @@ class ConvKernel(KernelImpl):
 
 
 def _accum_dead_after(node: fx.Node, other: fx.Node) -> bool:
-    """Whether the accumulator's int8 buffer is read by nothing after ``node`` (so it may be overwritten).
+    """Whether conv2d_add may overwrite the accumulator's int8 buffer: nothing reads it after ``node`` and
+    ``node`` itself does not read it as its conv input.
 
-    Its aliases are the QDQ point and the value it marks; a passthrough user may be a view of the buffer.
+    Aliases of the buffer: the QDQ point and the value it marks, and transitively the int8 passthrough ops
+    it came through or feeds (a shape op may be a view, a relu_ works in place), and the QDQ points on them.
+    When the conv's input is an alias (``relu(conv(y) + y)``) the kernel would overwrite the input it is
+    still reading, so the accumulator is cloned rather than the add unfused: a clone is one copy of the
+    output-sized tensor, while unfusing costs the conv writing its output plus a separate int8 add that
+    reads two tensors, requantizes and writes a third.
     """
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    aliases = {other}
-    if "qcast_observes" in other.meta:
-        aliases.add(other.args[0])
+
+    def passthrough(n: fx.Node) -> bool:
+        plan = n.meta.get("qcast_plan")
+        return plan is not None and plan.precision == "int8" and plan.kind == "passthrough"
+
+    aliases: set[fx.Node] = set()
+    todo = [other]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in aliases:
+            continue
+        aliases.add(n)
+        if "qcast_observes" in n.meta:
+            todo.append(n.args[0])
+        elif passthrough(n):
+            todo.extend(n.meta["qcast_plan"].kernel.impl.quant_inputs(n))
+        todo.extend(u for u in n.users if "qcast_observes" in u.meta or passthrough(u))
+    if node.args[0] in aliases:
+        return False
     for alias in aliases:
+        if order[alias] > order[node]:
+            return False
         for user in alias.users:
             if user is node or user in aliases:
                 continue
-            plan = user.meta.get("qcast_plan")
-            if order[user] > order[node] or (plan is not None and plan.precision == "int8" and plan.kind == "passthrough"):
-                return False
-            if user.op == "output":
+            if order[user] > order[node] or user.op == "output":
                 return False
     return True

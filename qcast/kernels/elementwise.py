@@ -71,7 +71,8 @@ class BinaryKernel(KernelImpl):
                 return f"operand '{t.target}' is a constant tensor (a parameter/buffer), not an activation"
             meta = ctx.meta(t)
             if meta is None or not meta.is_float:
-                return "an operand is not a floating-point tensor"
+                return (f"operand {t.meta.get('qcast_name', t.name)} is not a floating-point tensor (e.g. a number "
+                        f"passed to forward()); {ctx.op(node)} has an int8 kernel for a constant number only")
         if len(tensors) == 2:
             sa, sb = ctx.meta(a).shape, ctx.meta(b).shape
             if sa != sb:

@@ -8,6 +8,13 @@ Rules, in forward order (each a pattern the graph is scanned for):
 
 A producer whose output has other users, a module called at several places, or a node the config keeps in
 float is left alone. Hardswish is not fused: its int8 kernel runs right after the conv.
+
+The residual add needs the shapes of shape propagation (``node.meta['qcast_val']``): onednn's conv2d_add
+writes the conv output into the accumulator's buffer, so ``other`` must be an activation computed by the
+graph (not a parameter/buffer, which it would overwrite) with exactly the conv output's shape and float
+dtype (a broadcast operand would be written out of bounds), must not be the conv output itself, and the
+engine the config gives the conv must be one with conv2d_add (``onednn``, or ``auto``, which picks it).
+Otherwise the add stays a separate op (int8 when its kernel accepts it).
 """
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..capture import TensorMeta
 from ..config import QuantConfig
+from ..kernels.engines import available
 from ..nn import FusedConv, add_relu
 from ._util import call_sites, finish, only_user, set_module
 
@@ -54,6 +63,20 @@ def _kept_float(node: fx.Node, config: QuantConfig) -> bool:
     return bool(config.skipped_by(name, op, path)) or config.setting("activation", name, op, path) == "float"
 
 
+def _add_engine_ok(conv: fx.Node, config: QuantConfig) -> bool:
+    """Whether the engine the config gives this conv has conv2d_add (only onednn; ``auto`` picks it)."""
+    name, op, path = conv.meta.get("qcast_name", ""), conv.meta.get("qcast_op", ""), conv.meta.get("qcast_path", "")
+    return config.setting("engine", name, op, path) in ("onednn", "auto") and "onednn" in available()
+
+
+def _accumulator_ok(conv: fx.Node, other: fx.Node) -> bool:
+    """Whether ``other`` may be conv2d_add's accumulator: an activation with the conv output's shape and dtype."""
+    if other is conv or other.op == "get_attr":
+        return False
+    out, acc = conv.meta.get("qcast_val"), other.meta.get("qcast_val")
+    return isinstance(out, TensorMeta) and out.is_float and acc == out
+
+
 def _record(dst: fx.Node, src: fx.Node) -> None:
     dst.meta.setdefault("qcast_fused_names", []).append(src.meta.get("qcast_name", src.name))
 
@@ -78,9 +101,12 @@ def fuse(gm: fx.GraphModule, config: QuantConfig | None = None) -> fx.GraphModul
         if _kept_float(add, config):
             continue
         a, b = add.args
+        if a is b:  # y + y: the conv output is both operands
+            continue
         cands = [(x, o) for x, o in ((a, b), (b, a)) if isinstance(o, fx.Node) and isinstance(x, fx.Node)
                  and only_user(x) is add
-                 and isinstance(fusable_base(x), nn.Conv2d)]
+                 and isinstance(fusable_base(x), nn.Conv2d)
+                 and _accumulator_ok(x, o) and _add_engine_ok(x, config)]
         if not cands:
             continue
         # the operand computed last is the fused conv; the other one is ready as the accumulator

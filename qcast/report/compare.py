@@ -23,7 +23,7 @@ from ..config import QuantConfig
 from ..data import as_call, iter_calls
 from ..errors import UnsupportedError
 from ..kernels.base import KernelModule
-from ..prepare import check_model, placeholder_values
+from ..prepare import check_model, placeholder_values, transform
 from ..quantized import QuantizedModel
 
 
@@ -129,12 +129,11 @@ class _Recorder(fx.Interpreter):
 
 
 def _float_graph(model: nn.Module, args, kwargs, config: QuantConfig):
-    from .. import passes
     work = copy.deepcopy(model).eval()
-    cap = capture(work, args, kwargs)
-    remove_stubs(cap.gm)
-    passes.fold_bn(cap.gm)
-    passes.fuse(cap.gm, config)
+    with torch.no_grad():
+        cap = capture(work, args, kwargs)
+        remove_stubs(cap.gm)
+        transform(cap.gm, config, placeholder_values(cap.gm, *bind_inputs(work, args, kwargs)))
     return cap.gm, lambda a, k: placeholder_values(cap.gm, *bind_inputs(work, a, k))
 
 

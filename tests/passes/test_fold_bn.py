@@ -157,9 +157,6 @@ def test_bn_after_a_conv_called_twice_stays_float():
     assert r.out.shape == r.ref.shape
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a weight-normalized (torch.nn.utils.parametrize) conv followed by "
-                                       "BatchNorm crashes quantize() with KeyError \"attribute 'weight' already exists\" "
-                                       "inside fuse_conv_bn_eval")
 def test_parametrized_conv_followed_by_bn():
     from torch.nn.utils.parametrizations import weight_norm
 
