@@ -1,0 +1,130 @@
+"""QConv's residual-add path (oneDNN "sum" post-op): exact against the unfused int8 ops, never writes the
+accumulator, and safe when an operand broadcasts at run time though it matched at calibration."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qcast
+from qcast.kernels.conv import QConv
+from qcast.nn import FusedConv
+from tests.helpers import assert_sqnr, quantize_small, run_isolated
+
+
+def _q(t: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    return torch.quantize_per_tensor(t, scale, zp, torch.quint8).contiguous(memory_format=torch.channels_last)
+
+
+def _reference(conv: nn.Conv2d, x: torch.Tensor, acc: torch.Tensor, act: str | None) -> torch.Tensor:
+    """The same int8 weights, float arithmetic: conv(x) + accum, then act."""
+    plain = QConv.from_float(conv, 1.0, 0, "onednn")
+    w = plain.weight_int8.float() * plain.weight_scales.view(-1, 1, 1, 1)
+    y = torch.nn.functional.conv2d(x.dequantize(), w, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = y + acc.dequantize()
+    return torch.relu(y) if act == "relu" else y
+
+
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("acc_zp,out_zp", [(0, 0), (7, 128)])
+@pytest.mark.parametrize("groups,stride", [(1, 1), (4, 1), (1, 2)])
+def test_conv_add_matches_float_arithmetic_within_half_a_step(act, acc_zp, out_zp, groups, stride):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, stride=stride, padding=1, groups=groups).eval()
+    x = _q(torch.rand(2, 8, 10, 10), 0.01, 3)
+    acc_shape = (2, 8, 10 // stride, 10 // stride)
+    acc = _q(torch.randn(acc_shape), 0.02, acc_zp)
+    acc_before = acc.int_repr().clone()
+    out_scale = 0.05
+    q = QConv.from_float(FusedConv(conv, act=act, add=True), out_scale, out_zp, "onednn", x_shape=tuple(x.shape))
+    with torch.no_grad():
+        out = q(x, acc)
+        ref = _reference(conv, x, acc, act).clamp(-out_zp * out_scale, (255 - out_zp) * out_scale)
+    assert out.q_scale() == out_scale and out.q_zero_point() == out_zp
+    assert float(((out.dequantize() - ref) / out_scale).abs().max()) <= 0.5 + 1e-3
+    assert torch.equal(acc.int_repr(), acc_before), "the accumulator must never be written"
+
+
+def test_conv_add_when_accumulator_is_the_input():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+    x = _q(torch.rand(1, 8, 6, 6), 0.01, 0)
+    q = QConv.from_float(FusedConv(conv, act="relu", add=True), 0.05, 0, "onednn", x_shape=tuple(x.shape))
+    before = x.int_repr().clone()
+    with torch.no_grad():
+        out = q(x, x)
+        ref = _reference(conv, x, x, "relu").clamp(0, 255 * 0.05)
+    assert torch.equal(x.int_repr(), before)
+    assert float(((out.dequantize() - ref) / 0.05).abs().max()) <= 0.5 + 1e-3
+
+
+def test_conv_add_with_an_accumulator_that_broadcasts_at_run_time():
+    """Calibrated where both operands were (1, C, H, W); at batch 4 the other operand broadcasts over the batch.
+    The fused kernel would write 4 outputs into a 1-sample buffer: it must take the safe path instead."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+    q = QConv.from_float(FusedConv(conv, act="relu", add=True), 0.05, 0, "onednn", x_shape=(1, 8, 6, 6))
+    x = _q(torch.rand(4, 8, 6, 6), 0.01, 0)
+    acc = _q(torch.randn(1, 8, 6, 6), 0.02, 5)
+    with torch.no_grad():
+        out = q(x, acc)
+        ref = _reference(conv, x, acc, "relu").clamp(0, 255 * 0.05)
+    assert tuple(out.shape) == (4, 8, 6, 6)
+    assert float(((out.dequantize() - ref) / 0.05).abs().max()) <= 1.0 + 1e-3  # float add: at most one rounding more
+
+
+BROADCAST_AT_RUN_TIME = """
+import torch, torch.nn as nn, qcast
+torch.manual_seed(0)
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x, emb):
+        return self.head(torch.relu(self.conv(x) + emb))
+
+m = M().eval()
+items = [(torch.randn(1, 3, 8, 8), torch.randn(1, 8, 8, 8)) for _ in range(4)]
+q = qcast.quantize(m, items, config={"calibration": "minmax"}, progress=False)
+assert any("add" in r.reason for r in qcast.explain(q) if r.op == "conv2d"), qcast.explain(q)
+x, emb = torch.randn(4, 3, 8, 8), torch.randn(1, 8, 8, 8)
+with torch.no_grad():
+    ref, out = m(x, emb), q(x, emb)
+assert out.shape == ref.shape, (tuple(ref.shape), tuple(out.shape))
+snr = 10 * torch.log10((ref ** 2).sum() / ((ref - out) ** 2).sum())
+print("SQNR", float(snr))
+assert snr > 30, float(snr)
+"""
+
+
+def test_fused_residual_operand_that_broadcasts_only_at_run_time():
+    # a child process: if the guard were missing, the out-of-bounds write would take the test session down
+    proc = run_isolated(BROADCAST_AT_RUN_TIME)
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return torch.relu(self.c(torch.relu(self.b(y))) + y)
+
+
+def test_fused_residual_survives_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    r = quantize_small(Residual(), (2, 4, 12, 12))
+    assert_sqnr(r.sqnr, 30.0, "fused residual")
+    fused = [m for m in r.qmodel.modules() if isinstance(m, QConv) and m.add]
+    assert len(fused) == 1 and fused[0].x_shape == [1, 8, 12, 12]
+    qcast.save(r.qmodel, tmp_path / "m.qcast")
+    loaded = qcast.load(tmp_path / "m.qcast")
+    with torch.no_grad():
+        assert torch.equal(loaded(r.x), r.out)
