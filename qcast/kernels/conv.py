@@ -32,8 +32,16 @@ def _pack(kind: str, wq: torch.Tensor, bias, stride, padding, dilation, groups, 
         return prepack(wq, bias, list(stride), list(padding), list(dilation), groups)
 
 
+def _copy(q: torch.Tensor) -> torch.Tensor:
+    """A copy of a quint8 tensor, made as a plain byte copy (``Tensor.clone`` of a quantized tensor is ~10x slower)."""
+    out = torch._empty_affine_quantized(q.shape, scale=q.q_scale(), zero_point=q.q_zero_point(), dtype=q.dtype,
+                                        memory_format=torch.channels_last if q.dim() == 4 else torch.contiguous_format)
+    _bytes(out).copy_(_bytes(q))
+    return out
+
+
 def _bytes(q: torch.Tensor) -> torch.Tensor:
-    """The uint8 storage of a quint8 tensor as a plain uint8 tensor (same memory, no copy, no requantization)."""
+    """The storage of a quint8 tensor as a plain uint8 tensor: same memory, no copy."""
     return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
 
 
@@ -43,34 +51,26 @@ class QConv(KernelModule):
 
     def __init__(self, kind, weight_int8, weight_scales, bias=None, stride=(1,), padding=(0,), dilation=(1,),
                  groups=1, out_scale=1.0, out_zero_point=0, act=None, add=False, clamp6=False, engine="onednn",
-                 x_shape=None):
+                 clone_accum=False):
         super().__init__()
+        # conv2d_add writes its result into the accumulator's storage: clone it when the graph reads it later
+        self.clone_accum = bool(clone_accum)
         self.kind, self.act, self.add, self.clamp6, self.engine = kind, act, bool(add), bool(clamp6), engine
         self.stride, self.padding, self.dilation, self.groups = tuple(stride), tuple(padding), tuple(dilation), int(groups)
         self.out_scale, self.out_zero_point = float(out_scale), int(out_zero_point)
-        # the calibration input shape (batch 1): oneDNN lays the packed weight out for it
-        self.x_shape = None if x_shape is None else [int(d) for d in x_shape]
         self.register_buffer("weight_int8", weight_int8.to(torch.int8))
         self.register_buffer("weight_scales", weight_scales.float())
         self.register_buffer("bias", None if bias is None else bias.float())
         wq = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scales.double(),
                                                       torch.zeros_like(self.weight_scales, dtype=torch.long), 0)
+        self._packed = _pack(kind, wq, self.bias, self.stride, self.padding, self.dilation, self.groups, engine)
         if add:
-            if kind != "conv2d" or engine != "onednn":
-                raise ValueError(f"a residual add fuses only into an onednn conv2d, not {engine} {kind}")
-            # input params are read from the input tensor at run time; (1.0, 0) is only the packing hint
-            self._packed = torch.ops.onednn.qconv_prepack(self.weight_int8, self.weight_scales, 1.0, 0,
-                                                          list(self.stride), list(self.padding), list(self.dilation),
-                                                          self.groups, self.x_shape)
-            self._wzp = torch.zeros(self.weight_scales.shape, dtype=torch.long)
-            self._unary = "relu" if act == "relu" else "none"
-            self._geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+            self._fn = torch.ops.quantized.conv2d_add_relu if act == "relu" else torch.ops.quantized.conv2d_add
         else:
-            self._packed = _pack(kind, wq, self.bias, self.stride, self.padding, self.dilation, self.groups, engine)
             self._fn = _OPS[(kind, "relu" if act in ("relu", "relu6") else None)]
 
     @classmethod
-    def from_float(cls, mod: nn.Module, out_scale: float, out_zero_point: int, engine: str, x_shape=None):
+    def from_float(cls, mod: nn.Module, out_scale: float, out_zero_point: int, engine: str):
         conv, act, add = _split(mod)
         kind = "linear" if isinstance(conv, nn.Linear) else ("conv1d" if isinstance(conv, nn.Conv1d) else "conv2d")
         wq = quantize_weight(conv.weight)
@@ -79,7 +79,7 @@ class QConv(KernelModule):
         clamp6 = act == "relu6" and out_scale * (255 - out_zero_point) > 6.0 + out_scale
         return cls(kind, wq.int_repr(), wq.q_per_channel_scales(), conv.bias.detach() if conv.bias is not None else None,
                    out_scale=out_scale, out_zero_point=out_zero_point, act=act, add=add, clamp6=clamp6,
-                   engine=engine, x_shape=[1, *x_shape[1:]] if (add and x_shape) else None, **kw)
+                   engine=engine, **kw)
 
     def forward(self, x, accum=None):
         if self.add:
@@ -90,30 +90,34 @@ class QConv(KernelModule):
         return y
 
     def _conv_add(self, x, accum):
-        """act(conv(x) + accum) with oneDNN's "sum" post-op, into a fresh output buffer.
+        """act(conv(x) + accum) with ``quantized::conv2d_add[_relu]``, which writes into ``accum``'s buffer.
 
-        The sum post-op accumulates into its destination, so the destination starts as a copy of ``accum``
-        (a plain uint8 copy): the accumulator itself is never written, so it may be any live tensor, the
-        conv's own input or a view included. ``quantized::conv2d_add`` instead overwrites the accumulator and
-        ran slower per layer here (docs/design.md).
+        ``clone_accum`` (set by ``ConvKernel.build`` when the graph still reads the accumulator) makes it
+        work on a copy. Measured against oneDNN's ``qconv2d_pointwise`` "sum" post-op into a fresh buffer (never
+        overwrites, no bookkeeping): that one ran ResNet-50 at batch 1 ~12% slower, as PyTorch caches the
+        primitive only on this path (docs/design.md).
         """
-        if tuple(accum.shape) != self._out_shape(x.shape):  # e.g. an operand that broadcasts at run time
-            y = torch.ops.onednn.qconv2d_pointwise(
-                _bytes(x), x.q_scale(), x.q_zero_point(), self._packed, self.weight_scales, self._wzp, self.bias,
-                *self._geometry, 1.0, 0, torch.float32, "none", [None], "")
-            y = y + accum.dequantize()
-            if self.act == "relu":
-                y = torch.relu(y)
-            return torch.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.quint8)
-        out = torch._empty_affine_quantized(accum.shape, scale=self.out_scale, zero_point=self.out_zero_point,
-                                            dtype=torch.quint8, memory_format=torch.channels_last)
-        out8 = _bytes(out)
-        out8.copy_(_bytes(accum))
-        torch.ops.onednn.qconv2d_pointwise.binary(
-            _bytes(x), x.q_scale(), x.q_zero_point(), self._packed, self.weight_scales, self._wzp, out8, self.bias,
-            *self._geometry, self.out_scale, self.out_zero_point, None, accum.q_scale(), accum.q_zero_point(),
-            "sum", 1.0, self._unary, [None], "")
-        return out
+        if tuple(accum.shape) != self._out_shape(x.shape):
+            return self._conv_add_broadcast(x, accum)
+        if self.clone_accum:
+            accum = _copy(accum)
+        # conv2d_add[_relu] dispatches on the global engine (not the packed weight): set it for this call only
+        old = torch.backends.quantized.engine
+        torch.backends.quantized.engine = self.engine
+        try:
+            return self._fn(x, accum, self._packed, self.out_scale, self.out_zero_point)
+        finally:
+            torch.backends.quantized.engine = old
+
+    def _conv_add_broadcast(self, x, accum):
+        """An operand that matched the conv output at calibration but broadcasts now (e.g. calibrated at batch 1):
+        the in-place kernel would write past the accumulator, so this call runs in float arithmetic."""
+        w = self.weight_int8.float() * self.weight_scales.view(-1, *([1] * (self.weight_int8.dim() - 1)))
+        y = torch.nn.functional.conv2d(x.dequantize(), w, self.bias, self.stride, self.padding, self.dilation,
+                                       self.groups) + accum.dequantize()
+        if self.act == "relu":
+            y = torch.relu(y)
+        return torch.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.quint8)
 
     def _out_shape(self, shape) -> tuple[int, ...]:
         n, _, *spatial = shape
@@ -124,8 +128,7 @@ class QConv(KernelModule):
     def spec(self):
         config = dict(kind=self.kind, stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
                       groups=self.groups, out_scale=self.out_scale, out_zero_point=self.out_zero_point, act=self.act,
-                      add=self.add, clamp6=self.clamp6, engine=self.engine,
-                      x_shape=self.x_shape)
+                      add=self.add, clamp6=self.clamp6, engine=self.engine, clone_accum=self.clone_accum)
         tensors = {"weight_int8": self.weight_int8, "weight_scales": self.weight_scales}
         if self.bias is not None:
             tensors["bias"] = self.bias
@@ -189,7 +192,7 @@ class ConvKernel(KernelImpl):
     @staticmethod
     def _try(mod, shape, engine):
         """Pack and run the layer once on a zero input of the calibration shape (batch 1)."""
-        q = QConv.from_float(mod, 1.0, 0, engine, x_shape=shape)
+        q = QConv.from_float(mod, 1.0, 0, engine)
         x = torch.quantize_per_tensor(torch.zeros((1,) + tuple(shape[1:])), 1.0, 0, torch.quint8)
         acc = None
         if q.add:
@@ -205,6 +208,49 @@ class ConvKernel(KernelImpl):
     @staticmethod
     def build(node, ctx):
         qp = ctx.out_qparams(node)
-        mod = QConv.from_float(ctx.module(node), qp.scale, qp.zero_point, ctx.plan(node).engine,
-                               x_shape=ctx.meta(node.args[0]).shape)
+        mod = QConv.from_float(ctx.module(node), qp.scale, qp.zero_point, ctx.plan(node).engine)
+        if mod.add:
+            mod.clone_accum = not _accum_dead_after(node, node.args[1])
         return mod, tuple(node.args)
+
+
+def _accum_dead_after(node: fx.Node, other: fx.Node) -> bool:
+    """Whether conv2d_add may overwrite the accumulator's int8 buffer: nothing reads it after ``node`` and
+    ``node`` itself does not read it as its conv input.
+
+    Aliases of the buffer: the QDQ point and the value it marks, and transitively the int8 passthrough ops
+    it came through or feeds (a shape op may be a view, a relu_ works in place), and the QDQ points on them.
+    When the conv's input is an alias (``relu(conv(y) + y)``) the kernel would overwrite the input it is
+    still reading, so the accumulator is cloned rather than the add unfused: a clone is one copy of the
+    output-sized tensor, while unfusing costs the conv writing its output plus a separate int8 add that
+    reads two tensors, requantizes and writes a third.
+    """
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+
+    def passthrough(n: fx.Node) -> bool:
+        plan = n.meta.get("qcast_plan")
+        return plan is not None and plan.precision == "int8" and plan.kind == "passthrough"
+
+    aliases: set[fx.Node] = set()
+    todo = [other]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in aliases:
+            continue
+        aliases.add(n)
+        if "qcast_observes" in n.meta:
+            todo.append(n.args[0])
+        elif passthrough(n):
+            todo.extend(n.meta["qcast_plan"].kernel.impl.quant_inputs(n))
+        todo.extend(u for u in n.users if "qcast_observes" in u.meta or passthrough(u))
+    if node.args[0] in aliases:
+        return False
+    for alias in aliases:
+        if order[alias] > order[node]:
+            return False
+        for user in alias.users:
+            if user is node or user in aliases:
+                continue
+            if order[user] > order[node] or user.op == "output":
+                return False
+    return True
