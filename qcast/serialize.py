@@ -1,5 +1,9 @@
 """save / load: one safetensors file holding int8 weights, with a versioned JSON manifest in its metadata.
 
+The manifest is stored zlib-compressed (base64) under ``qcast_manifest_zlib``, next to plain ``qcast_format``
+and ``qcast_version`` keys: on a small detector the plain JSON was a fifth of the file. Version-1 files (plain
+JSON under ``qcast_manifest``) still load. ``qcast explain FILE`` prints what the manifest says.
+
 No pickle anywhere. The manifest records the graph (nodes, targets, arguments), each module as a spec
 (an int8 kernel by class name + config, a standard ``torch.nn`` layer by class + constructor arguments),
 the explain() rows, the config and calibration facts, and a SHA-256 of all tensor bytes. Regions that
@@ -8,6 +12,7 @@ passed as ``load(path, model=...)``; a file that needs it says so.
 """
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import importlib
@@ -15,6 +20,7 @@ import inspect
 import json
 import operator
 import os
+import zlib
 from typing import Any
 
 import torch
@@ -27,7 +33,7 @@ from .nn import FusedConv
 from .quantized import OpInfo, QuantizedModel
 
 FORMAT = "qcast"
-VERSION = 1
+VERSION = 2
 _SAFE_MODULE_PREFIXES = ("torch", "operator", "_operator", "builtins", "math", "qcast")
 
 
@@ -253,11 +259,39 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata={"qcast_manifest": json.dumps(manifest)})
+        save_file(tensors, tmp, metadata=manifest_to_metadata(manifest))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def manifest_to_metadata(manifest: dict) -> dict[str, str]:
+    """The safetensors metadata holding ``manifest``: compact JSON, zlib-compressed, base64."""
+    raw = json.dumps(manifest, separators=(",", ":")).encode()
+    return {"qcast_format": FORMAT, "qcast_version": str(manifest["version"]),
+            "qcast_manifest_zlib": base64.b64encode(zlib.compress(raw, 9)).decode("ascii")}
+
+
+def metadata_to_manifest(metadata: dict[str, str], path: str = "file") -> dict:
+    """The manifest stored by ``manifest_to_metadata`` (or a version-1 file's plain JSON); FormatError if unreadable."""
+    version = metadata.get("qcast_version", "1")
+    if version.isdigit() and int(version) > VERSION:
+        raise FormatError(f"{path}: written by a newer qcast (format version {version}, this qcast reads up to "
+                          f"{VERSION}); upgrade qcast to load it")
+    try:
+        if "qcast_manifest_zlib" in metadata:
+            text = zlib.decompress(base64.b64decode(metadata["qcast_manifest_zlib"], validate=True)).decode()
+        elif "qcast_manifest" in metadata:
+            text = metadata["qcast_manifest"]
+        else:
+            raise FormatError(f"{path}: a safetensors file without a qcast manifest; it was not written by qcast.save")
+        manifest = json.loads(text)
+    except (ValueError, zlib.error) as e:  # binascii.Error and JSONDecodeError are ValueErrors
+        raise FormatError(f"{path}: the manifest cannot be read ({e}); the file was tampered with") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{path}: the manifest is not a JSON object; the file was tampered with")
+    return manifest
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedModel:
@@ -275,12 +309,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedMo
         raise
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for broken files
         raise FormatError(f"{path}: not a readable qcast file (truncated or corrupted?): {e}") from None
-    if "qcast_manifest" not in metadata:
-        raise FormatError(f"{path}: a safetensors file without a qcast manifest; it was not written by qcast.save")
-    try:
-        manifest = json.loads(metadata["qcast_manifest"])
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: the manifest is not valid JSON ({e}); the file was tampered with") from None
+    manifest = metadata_to_manifest(metadata, path)
     if manifest.get("format") != FORMAT:
         raise FormatError(f"{path}: not a qcast file (format={manifest.get('format')!r})")
     if manifest.get("version", 0) > VERSION:

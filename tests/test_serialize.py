@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import qcast
+from qcast.serialize import manifest_to_metadata, metadata_to_manifest
 from tests.models import ZOO, flatten_output, randomize_bn_stats
 
 
@@ -27,6 +28,16 @@ def test_round_trip_is_bit_exact_and_small(tmp_path):
     assert [r for r in qcast.explain(q2)] == [r for r in qcast.explain(q)]
     torch.save(m.state_dict(), tmp_path / "f.pt")
     assert os.path.getsize(path) <= 0.3 * os.path.getsize(tmp_path / "f.pt")
+
+
+@pytest.mark.parametrize("name", ["blazeface", "mobilenet_v2"])
+def test_file_is_at_most_0_3x_the_float_state_dict(tmp_path, name):
+    """Small models are where the manifest weighs: the graph description must not eat the int8 saving."""
+    m, q, _ = _quantized(name)
+    qcast.save(q, tmp_path / "m.qcast")
+    torch.save(m.state_dict(), tmp_path / "f.pt")
+    ratio = os.path.getsize(tmp_path / "m.qcast") / os.path.getsize(tmp_path / "f.pt")
+    assert ratio <= 0.3, f"{name}: int8 file is {ratio:.3f}x the float file"
 
 
 def test_file_needs_float_model_for_user_regions(tmp_path):
@@ -56,16 +67,41 @@ def test_truncated_tampered_and_newer_files(tmp_path):
     # a newer format version is refused with the upgrade hint
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
-    manifest = json.loads(header["__metadata__"]["qcast_manifest"])
+    manifest = metadata_to_manifest(header["__metadata__"])
     manifest["version"] = 999
-    header["__metadata__"]["qcast_manifest"] = json.dumps(manifest)
-    raw = json.dumps(header).encode()
-    raw += b" " * ((8 - len(raw) % 8) % 8)
-    (tmp_path / "newer.qcast").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
-    with pytest.raises(qcast.FormatError, match="newer qcast"):
-        qcast.load(tmp_path / "newer.qcast")
+    for name, metadata in (("newer", manifest_to_metadata(manifest)),  # a newer manifest in today's container
+                           ("newer_container", {**header["__metadata__"], "qcast_version": "999"})):
+        _write_with_metadata(tmp_path / f"{name}.qcast", data, metadata)
+        with pytest.raises(qcast.FormatError, match="newer qcast"):
+            qcast.load(tmp_path / f"{name}.qcast")
+    _write_with_metadata(tmp_path / "garbled.qcast", data, {**header["__metadata__"], "qcast_manifest_zlib": "eJz%%"})
+    with pytest.raises(qcast.FormatError, match="manifest cannot be read"):
+        qcast.load(tmp_path / "garbled.qcast")
     with pytest.raises(qcast.FormatError, match="no such file"):
         qcast.load(tmp_path / "missing.qcast")
+
+
+def _write_with_metadata(path, data: bytes, metadata: dict) -> None:
+    """Rewrite a safetensors file's header metadata, keeping its tensors byte for byte."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def test_version_1_file_with_plain_json_manifest_still_loads(tmp_path):
+    _, q, x = _quantized("cifar_vgg_bn")
+    path = tmp_path / "m.qcast"
+    qcast.save(q, path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    manifest = metadata_to_manifest(json.loads(data[8:8 + n])["__metadata__"])
+    manifest["version"] = 1
+    _write_with_metadata(tmp_path / "v1.qcast", data, {"qcast_manifest": json.dumps(manifest)})
+    with torch.no_grad():
+        assert torch.equal(qcast.load(tmp_path / "v1.qcast")(x), q(x))
 
 
 def test_save_writes_no_pickle(tmp_path):
@@ -74,7 +110,9 @@ def test_save_writes_no_pickle(tmp_path):
     qcast.save(q, path)
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
-        assert "qcast_manifest" in f.metadata()
+        meta = f.metadata()
+    assert meta["qcast_format"] == "qcast" and meta["qcast_version"] == "2"
+    assert metadata_to_manifest(meta)["format"] == "qcast"
     assert b"\x80\x04" not in path.read_bytes()[:64]  # not a pickle stream
 
 
