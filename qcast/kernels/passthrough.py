@@ -64,3 +64,18 @@ class InterpolateKernel(Passthrough):
         if meta is None or len(meta.shape) != 4:
             return "resize on a non-4-D input has no int8 kernel"
         return None
+
+
+@register("mean", kind="passthrough", engines=("native",),
+          notes="mean over dims (global average pooling written as x.mean((2, 3))) in the int8 domain")
+class MeanKernel(Passthrough):
+    """A mean stays inside its input's range, so it keeps the input's params (error <= half a step)."""
+
+    @staticmethod
+    def check(node, ctx):
+        if node.kwargs.get("dtype") is not None or (len(node.args) > 3 and node.args[3] is not None):
+            return "mean with a dtype= argument has no int8 kernel"
+        meta = ctx.meta(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if meta is None or not meta.is_float:
+            return "its input is not a floating-point tensor"
+        return None
