@@ -131,3 +131,27 @@ def test_fused_residual_survives_save_and_load(tmp_path):
     loaded = qcast.load(tmp_path / "m.qcast")
     with torch.no_grad():
         assert torch.equal(loaded(r.x), r.out)
+
+
+def test_each_input_shape_gets_its_own_packed_weight_with_identical_results():
+    """PyTorch caches the oneDNN primitive on the first shape a packed weight sees (others are slow, see
+    QConv._packed_for): QConv keeps one packed weight per shape, and results must not depend on call order."""
+    torch.manual_seed(0)
+    r = quantize_small(Residual(), (2, 4, 12, 12))
+    shapes = [(1, 4, 12, 12), (3, 4, 12, 12), (1, 4, 20, 16)]
+    xs = [torch.randn(s) for s in shapes]
+    with torch.no_grad():
+        first = [r.qmodel(x) for x in xs]             # shapes in one order ...
+        again = [r.qmodel(x) for x in reversed(xs)]   # ... then the other
+    for a, b in zip(first, reversed(again)):
+        assert torch.equal(a, b)
+    convs = [m for m in r.qmodel.modules() if isinstance(m, QConv)]
+    for m in convs:
+        assert len(m._packs) == min(len(shapes) + 1, QConv.MAX_PACKS)  # + the held-out input's batch-2 shape
+    # past MAX_PACKS a new shape still runs (on the shared packed weight) and gives the same numbers
+    x = torch.randn(5, 4, 9, 9)
+    with torch.no_grad():
+        out = r.qmodel(x)
+        for m in convs:
+            m._packs.clear()
+        assert torch.equal(out, r.qmodel(x))
