@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import linecache
+import numbers
 import operator
 import sys
 import traceback
@@ -305,7 +306,8 @@ def remove_stubs(gm: fx.GraphModule) -> None:
 def propagate_shapes(gm: fx.GraphModule, values: list[Any]) -> Any:
     """Run the example through the graph, recording each node's output on ``node.meta['qcast_val']``.
 
-    Only tensor *metadata* is kept (dtype, shape). Raises InputError naming the node that failed.
+    Only tensor *metadata* is kept (dtype, shape), and whether a value is a Python number
+    (``node.meta['qcast_number']``). Raises InputError naming the node that failed.
     """
     env_vals: dict[fx.Node, Any] = {}
 
@@ -321,6 +323,8 @@ def propagate_shapes(gm: fx.GraphModule, values: list[Any]) -> Any:
                     "Pass inputs exactly as you would call model(...)."
                 ) from e
             n.meta["qcast_val"] = _meta_of(out)
+            # a Python number (a forward() argument, or computed from shapes): int8 kernels may take it at run time
+            n.meta["qcast_number"] = isinstance(out, numbers.Real) and not isinstance(out, bool)
             return out
 
     with torch.no_grad():

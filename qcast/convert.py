@@ -133,6 +133,8 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
                 root[n.target] = _get(qdq, n.target)
             new.meta.update({k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
             env_f[n] = new
+    for n in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(n)  # a constant only int8 kernels read: they hold it quantized (BinaryKernel), drop the float copy
     graph.lint()
     return fx.GraphModule(root, graph, class_name=type(qdq).__name__.replace("Graph", "") + "Int8")
 

@@ -90,12 +90,14 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
                 p.reason = "per-channel s8 weights, u8 activations" + (" (7-bit, reduce_range)" if p.kernel.impl.reduce_range(p.engine) else "")
                 if fused or node.meta.get("qcast_folded"):
                     p.reason += "; fused " + "+".join(["bn"] * bool(node.meta.get("qcast_folded")) + list(fused))
-            elif p.kind == "fixed":
-                p.reason = "fixed output params"
-            elif p.kind == "passthrough":
-                p.reason = "runs on the int8 tensor, no requantization"
             else:
-                p.reason = "requantized to calibrated output params"
+                p.reason = {"fixed": "fixed output params", "passthrough": "runs on the int8 tensor, no requantization"
+                            }.get(p.kind, "requantized to calibrated output params")
+                note = p.kernel.impl.note(node, ctx)
+                if note:
+                    p.reason += "; " + note
+                if fused:  # add_relu: the relu runs inside the int8 add (last, as on convs: '...; fused relu')
+                    p.reason += "; fused " + "+".join(fused)
 
 
 def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: bool) -> str | None:

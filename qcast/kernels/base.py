@@ -36,6 +36,11 @@ class KernelImpl:
     def engine(node: fx.Node, ctx) -> str:
         return "native"
 
+    @staticmethod
+    def note(node: fx.Node, ctx) -> str:
+        """What explain() should add to an int8 row's reason about this call (``""``: nothing)."""
+        return ""
+
 
 class KernelModule(nn.Module):
     """Base of int8 kernel modules: ``spec()`` gives JSON-able config + tensors; ``from_spec`` rebuilds."""

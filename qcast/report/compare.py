@@ -111,6 +111,24 @@ class CompareReport:
             f.write(page)
 
 
+@dataclass(frozen=True)
+class _QIn:
+    """The params a quantized input had when its kernel was called: conv2d_add writes its result into the
+    accumulator and gives that tensor the output's params, so they must be read before the call."""
+
+    scale: float
+    zero_point: int
+    dtype: torch.dtype
+
+
+def _qin(a):
+    if isinstance(a, torch.Tensor) and a.is_quantized and a.qscheme() == torch.per_tensor_affine:
+        return _QIn(a.q_scale(), a.q_zero_point(), a.dtype)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_qin(x) for x in a)
+    return a
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm):
         super().__init__(gm)
@@ -118,13 +136,14 @@ class _Recorder(fx.Interpreter):
         self.args_of: dict[str, tuple] = {}
 
     def run_node(self, n):
-        out = super().run_node(n)
         name = n.meta.get("qcast_name")
+        if name and n.op == "call_module":
+            # quantized inputs as their params at call time (_QIn), other inputs as they are
+            self.args_of[name] = _qin(self.fetch_args_kwargs_from_env(n)[0])
+        out = super().run_node(n)
         if name and n.op not in ("placeholder", "output"):
             # clone: some int8 kernels (conv2d_add) write into an input's buffer later in the run
             self.values[name] = out.clone() if isinstance(out, torch.Tensor) else out
-            if n.op == "call_module":
-                self.args_of[name] = self.fetch_args_kwargs_from_env(n)[0]
         return out
 
 
@@ -192,16 +211,20 @@ def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batche
 
 
 def _isolated(s, kernel, qargs, fgm, name, fr: _Recorder, fv):
-    """Run the int8 kernel on the float model's inputs (quantized with the params the int8 run used)."""
+    """Run the int8 kernel on the float model's inputs, each quantized with the params the int8 run used for it, and
+    compare with the float output of the same op. For a conv with a fused residual add (``QConv(add=True)``) both
+    inputs are fed so: the conv input and the residual operand, with the params they had when the int8 run
+    called the kernel (``_QIn``); the reference is the float fused pattern ``act(conv(x) + other)``. Every input
+    is a fresh tensor, so conv2d_add may write into its accumulator."""
     fnode = next((n for n in fgm.graph.nodes if n.meta.get("qcast_name") == name), None)
-    if fnode is None or qargs is None or getattr(kernel, "add", False):
-        return  # fused residual adds: the isolated figure is not reliable yet, reported as not computed
+    if fnode is None or qargs is None:
+        return
     fargs = fr.args_of.get(name)
     if fargs is None:
         return
     def requant(fa, qa):
-        if isinstance(qa, torch.Tensor) and qa.is_quantized and isinstance(fa, torch.Tensor):
-            return torch.quantize_per_tensor(fa.float(), qa.q_scale(), qa.q_zero_point(), qa.dtype)
+        if isinstance(qa, _QIn) and isinstance(fa, torch.Tensor):
+            return torch.quantize_per_tensor(fa.float(), qa.scale, qa.zero_point, qa.dtype)
         if isinstance(qa, (list, tuple)) and isinstance(fa, (list, tuple)):
             return type(qa)(requant(x, y) for x, y in zip(fa, qa))
         return qa
