@@ -226,9 +226,14 @@ class BinaryKernel(KernelImpl):
         if not acts:
             return f"no operand of {op} is an activation (only parameters/buffers and numbers): nothing to quantize"
         if len(acts) == 2:
-            sa, sb = ctx.meta(acts[0]).shape, ctx.meta(acts[1]).shape
-            if sa != sb:
-                return f"operands have different shapes {list(sa)} and {list(sb)} (broadcasting has no int8 kernel)"
+            sa, sb = tuple(ctx.meta(acts[0]).shape), tuple(ctx.meta(acts[1]).shape)
+            try:
+                out = tuple(torch.broadcast_shapes(sa, sb))
+            except RuntimeError:
+                return f"operands of shapes {list(sa)} and {list(sb)} do not broadcast"
+            if out not in (sa, sb):
+                return (f"operands {list(sa)} and {list(sb)} both broadcast to {list(out)}: the int8 kernel allocates "
+                        "its output like one operand, so one of them must have the output's shape")
             return None
         other, role = _other(node)
         if role == "constant":
@@ -266,7 +271,10 @@ class BinaryKernel(KernelImpl):
             return QBinaryConst.from_float(fn, _attr(ctx.gm, other.target), qp.scale, qp.zero_point), (act,)
         if role == "number_arg":
             return QScalarArg(fn, qp.scale, qp.zero_point), (act, other)
-        return QBinary(fn, qp.scale, qp.zero_point), tuple(node.args)
+        a, b = node.args
+        if tuple(ctx.meta(a).shape) != tuple(ctx.meta(node).shape):  # e.g. x * se(x): the full-shape operand first
+            a, b = b, a
+        return QBinary(fn, qp.scale, qp.zero_point), (a, b)
 
 
 @kernel_module

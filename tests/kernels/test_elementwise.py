@@ -313,3 +313,45 @@ def test_tensor_plus_tensor_add_relu_says_the_relu_is_fused():
     r = quantize_small(PoolAdd(), (2, 4, 12, 12), batches=2)
     row = next(row for row in r.rows if row.op == "add")
     assert row.precision == "int8" and row.reason == "requantized to calibrated output params; fused relu", row
+
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(fc(pool(x))): two activations of shapes (N, C, H, W) and (N, C, 1, 1)."""
+
+    def __init__(self, gate_first: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 16, 3, padding=1)
+        self.fc = nn.Conv2d(16, 16, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+        self.gate_first = gate_first
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        s = torch.sigmoid(self.fc(F.adaptive_avg_pool2d(y, 1)))
+        return self.head(s * y if self.gate_first else y * s)
+
+
+@pytest.mark.parametrize("gate_first", [False, True])
+def test_broadcasting_mul_of_two_activations_runs_int8(gate_first):
+    torch.manual_seed(0)
+    r = quantize_small(SqueezeExcite(gate_first), (2, 4, 12, 12))
+    mul = next(row for row in r.rows if row.op == "mul")
+    assert mul.precision == "int8", mul
+    assert all(row.precision == "int8" for row in r.rows), [row for row in r.rows if row.precision != "int8"]
+    assert_sqnr(r.sqnr, 38.0, f"squeeze-excite mul (gate first={gate_first})")  # measured 41.4
+
+
+def test_activations_that_both_broadcast_stay_float_and_say_why():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 8, (3, 1))   # -> (N, 8, H-2, W)
+            self.b = nn.Conv2d(4, 8, (1, 3))   # -> (N, 8, H, W-2)
+
+        def forward(self, x):
+            return self.a(x)[:, :, :, :1] * self.b(x)[:, :, :1, :]  # (N,8,H-2,1) * (N,8,1,W-2)
+
+    torch.manual_seed(0)
+    r = quantize_small(Outer(), (2, 4, 8, 8))
+    mul = next(row for row in r.rows if row.op == "mul")
+    assert mul.precision == "float" and "both broadcast" in mul.reason, mul
