@@ -58,6 +58,8 @@ FUNCTION_OPS: dict[Any, str] = {
     F.gelu: "gelu", F.silu: "silu", F.leaky_relu: "leaky_relu", F.hardsigmoid: "hardsigmoid",
     F.max_pool1d: "max_pool", F.max_pool2d: "max_pool", F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool",
     F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
+    torch.max_pool1d: "max_pool", torch.max_pool2d: "max_pool", torch.avg_pool1d: "avg_pool",
+    torch.adaptive_avg_pool1d: "adaptive_avg_pool",
     torch.flatten: "flatten", torch.reshape: "reshape", torch.permute: "permute",
     torch.transpose: "transpose", torch.chunk: "chunk", torch.split: "split", torch.squeeze: "squeeze",
     torch.unsqueeze: "unsqueeze", operator.getitem: "getitem",
