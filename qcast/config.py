@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-ESTIMATORS = ("minmax", "ema", "percentile", "mse")
+ESTIMATORS = ("minmax", "ema", "percentile", "mse", "kl")
 WEIGHT_SCHEMES = ("int8",)
 ACTIVATION_SCHEMES = ("int8", "float")
 ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
@@ -44,7 +44,8 @@ class QuantConfig:
         skip: module-path globs or op names kept in float (e.g. ``["head.*", "softmax"]``).
         weight: weight scheme; ``"int8"`` = per-channel symmetric int8.
         activation: activation scheme; ``"int8"`` (static, calibrated) or ``"float"``.
-        calibration: range estimator for activations: ``minmax``, ``ema``, ``percentile``, ``mse``.
+        calibration: range estimator for activations: ``minmax``, ``ema``, ``percentile``, ``mse``,
+            ``kl`` (entropy calibration).
         percentile: the percentile used by the ``percentile`` estimator.
         engine: int8 engine for conv/linear: ``auto`` (chosen per layer, accuracy first), or a fixed one.
         per_layer: mapping glob/op -> overrides of ``activation``, ``calibration``, ``engine``.

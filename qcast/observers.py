@@ -7,6 +7,8 @@ records statistics. ``qparams()`` turns them into a frozen ``QParams`` with the 
 * ``ema``         exponential moving average of per-batch min / max
 * ``percentile``  clip at the given percentile of a running histogram (both tails)
 * ``mse``         clip range that minimises the expected squared quantization error on the histogram
+* ``kl``          entropy calibration (TensorRT-style): the clip threshold whose 8-bit quantized histogram is
+                  closest in KL divergence to the clipped reference histogram
 
 Weights are quantized per output channel, symmetric int8 (``quantize_weight``).
 """
@@ -152,9 +154,11 @@ class EMAObserver(Observer):
 class HistogramObserver(Observer):
     """Keeps a histogram over the running [min, max]; when the range grows, old counts are re-binned."""
 
+    bins = BINS
+
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
-        self.register_buffer("hist", torch.zeros(BINS, dtype=torch.float64), persistent=False)
+        self.register_buffer("hist", torch.zeros(self.bins, dtype=torch.float64), persistent=False)
         self.h_lo, self.h_hi = 0.0, 0.0
 
     def update(self, x, lo, hi):
@@ -164,21 +168,22 @@ class HistogramObserver(Observer):
         if self.batches and (new_lo < self.h_lo or new_hi > self.h_hi):
             self.hist = self._rebin(self.hist, self.h_lo, self.h_hi, new_lo, new_hi)
         self.h_lo, self.h_hi = new_lo, new_hi
-        h = torch.histc(x.float().flatten(), bins=BINS, min=new_lo, max=new_hi)
+        h = torch.histc(x.float().flatten(), bins=self.bins, min=new_lo, max=new_hi)
         self.hist += h.double()
 
     @staticmethod
     def _rebin(hist, lo, hi, new_lo, new_hi):
-        width = (hi - lo) / BINS
-        centers = lo + (torch.arange(BINS, dtype=torch.float64) + 0.5) * width
-        idx = ((centers - new_lo) / (new_hi - new_lo) * BINS).long().clamp(0, BINS - 1)
-        out = torch.zeros(BINS, dtype=torch.float64)
+        bins = hist.numel()
+        width = (hi - lo) / bins
+        centers = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * width
+        idx = ((centers - new_lo) / (new_hi - new_lo) * bins).long().clamp(0, bins - 1)
+        out = torch.zeros(bins, dtype=torch.float64)
         out.index_add_(0, idx, hist)
         return out
 
     def _centers(self):
-        width = (self.h_hi - self.h_lo) / BINS
-        return self.h_lo + (torch.arange(BINS, dtype=torch.float64) + 0.5) * width
+        width = (self.h_hi - self.h_lo) / self.bins
+        return self.h_lo + (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
 
 
 @register_estimator("percentile")
@@ -217,6 +222,108 @@ class MSEObserver(HistogramObserver):
             if float(err[i]) < best_err:
                 best_err, best = float(err[i]), (a, float(b[i]))
         return best
+
+
+@register_estimator("kl")
+class KLObserver(HistogramObserver):
+    """Entropy calibration: the clip range whose quantized histogram loses the least information.
+
+    For each candidate range ``[a, b]`` (TensorRT's recipe, on the histogram of ``x``):
+
+    * the reference ``P`` is the histogram restricted to ``[a, b]`` with the clipped tails folded into its
+      first / last bin;
+    * ``Q`` quantizes the *unclipped* slice onto the ``qmax - qmin + 1`` grid points of ``[a, b]`` (each grid cell's
+      mass spread evenly over the cell's non-empty bins), so clipping mass shows up as a mismatch at the edges;
+    * the range with least ``KL(P || Q)`` wins.
+
+    All-non-negative tensors (post-relu) search the upper end only (``[0, b]``). Signed tensors search one
+    threshold ``T`` on ``|x|`` (``[max(min, -T), min(max, T)]``), as TensorRT does. A candidate must span at least
+    as many histogram bins as there are grid cells (below that the histogram cannot see rounding error and KL
+    would reward clipping everything); hence the finer histogram (``bins = 2 * BINS``). Tensors with fewer than
+    ``MIN_SAMPLES`` values, or a histogram too narrow to search, keep the full range.
+    """
+
+    bins = 2 * BINS
+    candidates = 256
+    MIN_SAMPLES = 512
+
+    def clip_range(self):
+        # the search costs ~0.1 s: computed once per amount of data seen (the summary and convert both ask)
+        cached = getattr(self, "_clip_cache", None)
+        if cached is not None and cached[0] == self.batches:
+            return cached[1]
+        result = self._search()
+        self._clip_cache = (self.batches, result)
+        return result
+
+    def _search(self) -> tuple[float, float]:
+        lo, hi = min(self.min_val, 0.0), max(self.max_val, 0.0)
+        total = float(self.hist.sum())
+        width = (self.h_hi - self.h_lo) / self.bins
+        levels = self.qmax - self.qmin
+        if total < self.MIN_SAMPLES or hi - lo <= (levels + 1) * width or hi - lo < 1e-12:
+            return lo, hi
+        centers, p = self._centers(), self.hist / total
+        t_max = max(-lo, hi)
+        t_min = min(t_max, max((levels + 1) * width / 2, 1e-12))
+        t = torch.logspace(math.log10(t_min), math.log10(t_max), self.candidates, dtype=torch.float64)
+        t = torch.cat([t, torch.tensor([t_max], dtype=torch.float64)])
+        a = torch.maximum(torch.full_like(t, lo), -t) if lo < 0 else torch.zeros_like(t)
+        b = torch.minimum(torch.full_like(t, hi), t)
+        ok = (b - a) >= (levels + 1) * width  # enough bins per grid cell to measure rounding
+        ok[-1] = True
+        a, b = a[ok], b[ok]
+        zero_bin = None
+        if self.h_lo <= 0.0 <= self.h_hi:
+            zero_bin = min(int((0.0 - self.h_lo) / width), self.bins - 1)
+        kl = self._kl(centers, p, a, b, levels, zero_bin)
+        if not torch.isfinite(kl).any():
+            return lo, hi
+        i = int(torch.argmin(kl))
+        return float(a[i]), float(b[i])
+
+    @staticmethod
+    def _kl(centers: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, levels: int,
+            zero_bin: int | None = None, chunk: int = 64) -> torch.Tensor:
+        """KL(P || Q) for each candidate range ``[a[k], b[k]]`` (vectorised in chunks of candidates).
+
+        ``zero_bin``: the bin holding 0.0, kept as a cell of its own (0 is exact on the int8 grid). Without it the
+        zeros of a post-relu tensor (often half its values) would be smeared over their grid cell's bins, and KL
+        would shrink the range just to narrow that cell.
+        """
+        out = []
+        bins = p.numel()
+        cdf = torch.cumsum(p, 0)
+        for s in range(0, a.numel(), chunk):
+            ak, bk = a[s:s + chunk, None], b[s:s + chunk, None]
+            k = ak.shape[0]
+            half = (centers[1] - centers[0]) / 2 if bins > 1 else 0.0
+            inside = (centers[None, :] >= ak - half) & (centers[None, :] <= bk + half)  # [K, B]: bins [a, b] touches
+            first = inside.float().argmax(1)  # first / last inside bin of each candidate
+            last = bins - 1 - inside.flip(1).float().argmax(1)
+            below = torch.where(first > 0, cdf[(first - 1).clamp_min(0)], torch.zeros_like(first, dtype=p.dtype))
+            above = cdf[-1] - cdf[last]
+            sliced = p[None, :] * inside
+            ref = sliced.clone()
+            ref.scatter_add_(1, first[:, None], below[:, None])
+            ref.scatter_add_(1, last[:, None], above[:, None])
+            scale = (bk - ak) / levels
+            cell = torch.round((centers[None, :] - ak) / scale).clamp(0, levels).long()
+            if zero_bin is not None:  # zero is exact (zero_point): its bin, the spike of a post-relu tensor, is a cell
+                cell[:, zero_bin] = levels + 1
+            flat = (cell + torch.arange(k)[:, None] * (levels + 2)).flatten()
+            mass = torch.zeros(k * (levels + 2), dtype=p.dtype).index_add_(0, flat, sliced.flatten())
+            nz = (sliced > 0).to(p.dtype)
+            count = torch.zeros(k * (levels + 2), dtype=p.dtype).index_add_(0, flat, nz.flatten())
+            q = (mass[flat] / count[flat].clamp_min(1.0)).view(k, bins) * nz
+            ref = ref / ref.sum(1, keepdim=True)
+            q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+            # a reference bin that Q leaves empty (an edge bin that only holds folded tails): smoothed, not infinite
+            q = torch.where(ref > 0, q.clamp_min(1e-8), q)
+            terms = torch.where(ref > 0, ref * torch.log(ref / q), torch.zeros_like(ref))
+            # a range that holds none of the histogram (data far from 0, e.g. a constant 3.0) is no candidate
+            out.append(torch.where(sliced.sum(1) > 0, terms.sum(1), torch.full_like(terms[:, 0], math.inf)))
+        return torch.cat(out)
 
 
 def make_observer(estimator: str, name: str, qmax: int = 255, percentile: float = 99.99) -> Observer:

@@ -69,7 +69,7 @@ def test_unknown_per_layer_key_is_a_config_error_naming_the_key():
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    ({"calibration": "kl"}, "calibration"),
+    ({"calibration": "entropy"}, "calibration"),
     ({"per_layer": {"layer1.*": {"calibration": "entropy"}}}, "layer1"),
     ({"engine": "tensorrt"}, "engine"),
     ({"activation": "int4"}, "activation"),
@@ -85,8 +85,8 @@ def test_bad_values_are_config_errors(kwargs, needle):
 
 def test_bad_estimator_lists_the_allowed_ones():
     with pytest.raises(ConfigError) as e:
-        QuantConfig.from_json('{"calibration": "kl"}')
-    assert all(name in str(e.value) for name in ("minmax", "ema", "percentile", "mse"))
+        QuantConfig.from_json('{"calibration": "entropy"}')
+    assert all(name in str(e.value) for name in ("minmax", "ema", "percentile", "mse", "kl"))
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
