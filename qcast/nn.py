@@ -59,6 +59,22 @@ class FusedConv(nn.Module):
         return f"fused={'+'.join(self.qcast_fused) or 'none'}"
 
 
+class FusedBatchNorm(nn.Module):
+    """``relu(bn(x))`` for a BatchNorm that could not be folded into a conv (pre-activation blocks: BN -> ReLU ->
+    conv). One int8 op whose output params are calibrated on the relu's output, not on the signed BN output."""
+
+    qcast_leaf = True
+    qcast_op = "batch_norm"
+    qcast_fused = ("relu",)
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(x))
+
+
 def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """relu(a + b): an add followed by a relu, fused by ``passes.fuse`` into one int8 kernel."""
     return torch.relu(a + b)

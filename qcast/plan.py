@@ -83,6 +83,8 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
         tensor_out = isinstance(meta, TensorMeta) or (op in ("chunk", "split") and isinstance(meta, (tuple, list)))
         p.visible = tensor_out and op not in HIDDEN_OPS
         p.reason = _float_reason(node, p, ctx, opaque, tensor_out) or ""
+        if p.reason and node.meta.get("qcast_unfolded"):  # a BatchNorm fold_bn could not fold, kept in float
+            p.reason = f"{node.meta['qcast_unfolded']}; runs in float: {p.reason}"
         if not p.reason:
             p.precision = "int8"
             p.kind = p.kernel.impl.kind_of(node, p.kernel.kind)

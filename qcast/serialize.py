@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .errors import FormatError
 from .kernels.base import KERNEL_MODULES, KernelModule
-from .nn import FusedConv
+from .nn import FusedBatchNorm, FusedConv
 from .quantized import OpInfo, QuantizedModel
 
 FORMAT = "qcast"
@@ -155,6 +155,8 @@ def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> d
     if isinstance(m, FusedConv):
         inner = _module_spec(path + ".conv", m.conv, tensors)
         return {"kind": "fused", "act": m.act, "add": m.add, "conv": inner}
+    if isinstance(m, FusedBatchNorm):
+        return {"kind": "fused_bn", "bn": _module_spec(path + ".bn", m.bn, tensors)}
     if _is_torch_module(m):
         kw = _init_kwargs(m)
         if kw is not None:
@@ -181,6 +183,8 @@ def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None)
         return cls.from_spec(_dec(spec["config"], {}), ts)
     if kind == "fused":
         return FusedConv(_build_module(path + ".conv", spec["conv"], tensors, model), act=spec["act"], add=spec["add"])
+    if kind == "fused_bn":
+        return FusedBatchNorm(_build_module(path + ".bn", spec["bn"], tensors, model))
     if kind == "torch":
         mod_name, _, qual = spec["class"].partition(":")
         if not mod_name.startswith("torch.nn."):
@@ -250,7 +254,7 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
             tensors[f"attr::{n.target}"] = obj.detach()
             attrs[n.target] = f"attr::{n.target}"
         nodes.append(entry)
-    meta = {k: v for k, v in qmodel.qcast_meta.items() if k != "calibration_summary"}
+    meta = {k: v for k, v in qmodel.qcast_meta.items() if k not in ("calibration_summary", "accuracy_search")}
     manifest = {
         "format": FORMAT, "version": VERSION, "nodes": nodes, "modules": modules, "attrs": attrs,
         "records": [r.__dict__ for r in qmodel.qcast_records], "meta": _enc(meta, "meta"),

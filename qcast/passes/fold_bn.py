@@ -1,8 +1,9 @@
 """Fold BatchNorm into the conv/linear before it.
 
 Pattern (forward order): ``conv1d|conv2d|linear -> batch_norm``, when the conv's output feeds only the BN
-and the conv module is called at one place. A BN that cannot be folded stays in the graph, runs in float,
-and carries the reason for ``explain()``.
+and the conv module is called at one place. A BN that cannot be folded stays in the graph with the reason in
+``node.meta["qcast_unfolded"]``: it then runs as its own int8 op where a kernel takes it (``kernels/norm.py``),
+else in float, and ``explain()`` says why either way.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
         src = bn_node.args[0] if bn_node.args else None
         reason = _why_not(src, bn, modules, sites)
         if reason:
-            bn_node.meta["qcast_float_reason"] = reason
+            bn_node.meta["qcast_unfolded"] = reason
             continue
         conv = modules[src.target]
         fused = fuse_linear_bn_eval(conv, bn) if isinstance(conv, nn.Linear) else fuse_conv_bn_eval(conv, bn)
@@ -40,15 +41,14 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _why_not(src, bn, modules, sites) -> str | None:
     if not isinstance(src, fx.Node) or src.op != "call_module":
-        return "BatchNorm is not directly after a conv/linear it could be folded into; it runs in float"
+        return "BatchNorm is not directly after a conv/linear it could be folded into"
     conv = modules[src.target]
     if not any(isinstance(conv, c) and isinstance(bn, b) for c, b in PATTERNS):
-        return (f"BatchNorm follows {type(conv).__name__} '{src.target}', which it cannot be folded into; "
-                "it runs in float")
+        return f"BatchNorm follows {type(conv).__name__} '{src.target}', which it cannot be folded into"
     if only_user(src) is None:
-        return f"the output of '{src.target}' is also used elsewhere, so the BatchNorm cannot be folded; it runs in float"
+        return f"the output of '{src.target}' is also used elsewhere, so the BatchNorm cannot be folded"
     if sites.get(src.target, 0) != 1:
-        return f"'{src.target}' is called at several places, so the BatchNorm cannot be folded; it runs in float"
+        return f"'{src.target}' is called at several places, so the BatchNorm cannot be folded"
     if not bn.track_running_stats or bn.running_mean is None:
-        return "BatchNorm without running statistics cannot be folded; it runs in float"
+        return "BatchNorm without running statistics cannot be folded"
     return None

@@ -5,6 +5,7 @@ Rules, in forward order (each a pattern the graph is scanned for):
 * ``conv1d|conv2d|linear -> relu|relu6``            -> FusedConv(act)
 * ``conv2d -> add(·, other) [-> relu]``             -> FusedConv(add=True, act) (onednn conv2d_add[_relu])
 * ``add(a, b) -> relu``                             -> add_relu (one int8 kernel)
+* ``batch_norm (not folded) -> relu``               -> FusedBatchNorm (quantized::batch_norm_relu)
 
 A producer whose output has other users, a module called at several places, or a node the config keeps in
 float is left alone. Hardswish is not fused: its int8 kernel runs right after the conv.
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from ..capture import TensorMeta
 from ..config import QuantConfig
 from ..kernels.engines import available
-from ..nn import FusedConv, add_relu
+from ..nn import FusedBatchNorm, FusedConv, add_relu
 from ._util import call_sites, finish, only_user, set_module
 
 BASES = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -163,6 +164,22 @@ def fuse(gm: fx.GraphModule, config: QuantConfig | None = None) -> fx.GraphModul
         add.target = add_relu
         _record(add, relu)
         relu.replace_all_uses_with(add)
+        gm.graph.erase_node(relu)
+
+    # 4. batch_norm (left by fold_bn) -> relu
+    for relu in list(gm.graph.nodes):
+        if _act_name(relu, modules) != "relu" or not relu.args or _kept_float(relu, config):
+            continue
+        bn_node = relu.args[0]
+        if (not isinstance(bn_node, fx.Node) or bn_node.op != "call_module" or sites.get(bn_node.target) != 1
+                or type(modules.get(bn_node.target)) not in (nn.BatchNorm1d, nn.BatchNorm2d)
+                or only_user(bn_node) is not relu or _kept_float(bn_node, config)):
+            continue
+        fused = FusedBatchNorm(modules[bn_node.target])
+        set_module(gm, bn_node.target, fused)
+        modules[bn_node.target] = fused
+        _record(bn_node, relu)
+        relu.replace_all_uses_with(bn_node)
         gm.graph.erase_node(relu)
 
     finish(gm)
