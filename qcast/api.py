@@ -10,7 +10,7 @@ from .calibrate import calibrate
 from .config import QuantConfig
 from .convert import convert
 from .data import check_finite, describe, iter_calls
-from .errors import CalibrationError, UnsupportedError
+from .errors import CalibrationError
 from .prepare import as_config, prepare
 from .quantized import QuantizedModel
 
@@ -23,10 +23,15 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
     Calibration items: Tensor -> ``model(t)``; tuple/list -> ``model(*item)``; dict -> ``model(**item)``.
     A single Tensor is one batch. ``input_fn`` maps each item (e.g. an ``(x, label)`` pair) to such an
     input; ``num_batches`` caps how many are used.
+
+    Accuracy-aware mode: with ``eval_fn(model) -> float`` (higher is better) and ``max_drop`` (absolute, in the
+    metric's units), layers are kept in float, fewest first, guided by sensitivity, until
+    ``eval_fn(qmodel) >= eval_fn(model) - max_drop``; every step is in ``qmodel.qcast_meta["accuracy_search"]``
+    (see ``qcast.accuracy``). If even all candidates in float miss the target, a warning and the best model found.
     """
     if eval_fn is not None or max_drop is not None:
-        raise UnsupportedError("the accuracy-aware mode (eval_fn=, max_drop=) is not available in this version; "
-                               "quantize without it and inspect qcast.compare(model, qmodel, inputs)")
+        from .accuracy import check_accuracy_args
+        check_accuracy_args(eval_fn, max_drop)
     config = as_config(config)
     if backend != config.backend:
         config = config.replace(backend=backend)
@@ -39,16 +44,27 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
     # the first batch doubles as prepare()'s example input: check it here so an error names it as the
     # calibration batch it is (prepare would call it "example_inputs", an argument the user never passed)
     check_finite(args, kwargs, "calibration batch 0")
-    observed = prepare(model, kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args), config)
     total = len(calibration_data) if hasattr(calibration_data, "__len__") and not isinstance(calibration_data, dict) else None
     if total is not None and not hasattr(calibration_data, "shape") and num_batches:
         total = min(total, num_batches)
-    summary = calibrate(observed, _replay(first, calls), progress=progress,
-                        total=None if hasattr(calibration_data, "shape") else total)
+    total = None if hasattr(calibration_data, "shape") else total
+    if eval_fn is not None:
+        from .accuracy import accuracy_aware
+        # every search step re-calibrates on the same batches: keep them (a generator is consumed once)
+        return accuracy_aware(model, [first, *calls], config, backend, eval_fn, max_drop, progress)
+    qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total)
+    return qmodel
+
+
+def quantize_calls(model, first, rest, config: QuantConfig, backend: str, progress: bool, total: int | None = None):
+    """prepare on ``first``, calibrate on ``first`` + ``rest``, convert: (qmodel, the calibrated ObservedModel)."""
+    args, kwargs = first
+    observed = prepare(model, kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args), config)
+    summary = calibrate(observed, _replay(first, rest), progress=progress, total=total)
     qmodel = convert(observed, backend=backend)
     qmodel.qcast_meta["example_input"] = describe(args, kwargs)
     qmodel.qcast_meta["calibration_summary"] = summary
-    return qmodel
+    return qmodel, observed
 
 
 def _replay(first, rest):

@@ -9,6 +9,7 @@
     ├── CalibrationError            calibration data is empty, NaN/Inf, or not callable on the model
     │   └── NotCalibratedError      convert() found an observer that saw no data (names the layer)
     ├── UnsupportedError            something qcast cannot do here yet (CUDA model, unknown backend)
+    ├── EvalError                   the user's eval_fn / metric raised or returned something that is not a number
     └── FormatError                 a saved file is truncated, tampered, of a newer version, or needs `model=`
 
 Messages always name the layer (module path) or argument concerned, and say what to do about it.
@@ -44,11 +45,15 @@ class UnsupportedError(QcastError):
     """A request qcast cannot serve in this configuration (e.g. a CUDA model on the CPU backend)."""
 
 
+class EvalError(QcastError):
+    """The user's ``eval_fn`` / ``metric`` raised, or returned something that is not a number."""
+
+
 class FormatError(QcastError):
     """A saved qcast file is unreadable: truncated, tampered, newer version, or missing its float model."""
 
 
 __all__ = [
     "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
-    "NotCalibratedError", "UnsupportedError", "FormatError",
+    "NotCalibratedError", "UnsupportedError", "EvalError", "FormatError",
 ]
