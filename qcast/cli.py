@@ -4,6 +4,7 @@
     qcast quantize MODULE:FACTORY --calib PATH --out FILE
     qcast explain FILE [--model MODULE:FACTORY]
     qcast report FILE --model MODULE:FACTORY --inputs PATH [--json OUT] [--html OUT]
+    qcast sensitivity MODULE:FACTORY --calib PATH [--mode float_one|quantize_one] [--json OUT]
     qcast ops                                   the supported-op table, from the kernel registry
 """
 from __future__ import annotations
@@ -100,6 +101,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    import qcast
+    model = _load_factory(args.model)
+    config = qcast.QuantConfig.from_json(open(args.config).read()) if args.config else None
+    report = qcast.sensitivity(model, _load_tensors(args.calib), config=config, mode=args.mode,
+                               num_batches=args.num_batches)
+    print(report.table(args.limit))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json())
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(out=args.out)
@@ -131,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json")
     r.add_argument("--html")
     r.set_defaults(fn=cmd_report)
+    s = sub.add_parser("sensitivity", help="per-layer sensitivity of MODULE:FACTORY (output SQNR, most sensitive first)")
+    s.add_argument("model", help="MODULE:FACTORY returning the float nn.Module (or MODULE:OBJECT)")
+    s.add_argument("--calib", required=True, help="safetensors file; each tensor is one batch (calibration and metric)")
+    s.add_argument("--mode", choices=["float_one", "quantize_one"], default="float_one")
+    s.add_argument("--config", help="QuantConfig as a JSON file")
+    s.add_argument("--num-batches", type=int, default=None)
+    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--json")
+    s.set_defaults(fn=cmd_sensitivity)
     o = sub.add_parser("ops", help="the supported-op table (from the kernel registry)")
     o.add_argument("--backend", default=None)
     o.set_defaults(fn=cmd_ops)

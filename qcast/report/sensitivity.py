@@ -350,8 +350,13 @@ def sensitivity(model: nn.Module, data: Any, *, metric: Callable[[nn.Module], fl
     ``fn(model) -> float``, higher is better, called with a module that runs like the float model.
 
     The analysis runs on the QDQ simulation (one calibration, switches per layer), not on a re-quantized int8
-    model per layer. Measured agreement with the real int8 model quantized with ``QuantConfig(skip=[layer])``
-    (float_one, default metric, 8 batches): see docs/design.md, "Sensitivity".
+    model per layer. Measured against the real int8 model quantized with ``QuantConfig(skip=[layer])`` (output
+    SQNR, 8 batches): ResNet-18 float_one, the simulation reads ~0.45 dB high, every row within 1.0 dB, rank
+    correlation 0.54 on a flat landscape (all layers within 0.6 dB); MobileNetV2 float_one top 3 deltas
+    +2.06/+1.49/+0.28 dB simulated vs +2.06/+1.43/+0.80 dB real; ResNet-18 quantize_one rank correlation 0.60,
+    mean |difference| 1.2 dB. A deliberately sensitive layer (tests/report/test_sensitivity.py) is ranked first by
+    both, within 1.5 dB. Fused residual adds and ops that need an int8 input are where the two differ
+    (docs/design.md, "Sensitivity and the accuracy-aware mode").
 
     Cached per process: the same weights, data, config, mode, metric, num_batches and input_fn return the cached
     report without running anything (``cache=False`` recomputes; ``qcast.report.clear_sensitivity_cache()`` empties it).

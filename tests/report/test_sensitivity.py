@@ -164,3 +164,22 @@ def test_bad_arguments_are_clear_errors(model):
         qcast.sensitivity(model, _data(1), metric=lambda m: "good", config=FAST, progress=False, cache=False)
     with pytest.raises(qcast.CalibrationError, match="no batches"):
         qcast.sensitivity(model, [], progress=False)
+
+
+def build_sensitive():
+    """Factory for the CLI test (``tests.report.test_sensitivity:build_sensitive``)."""
+    torch.manual_seed(0)
+    return Sensitive().eval()
+
+
+def test_cli_sensitivity(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from qcast.cli import main
+    save_file({f"b{i}": x for i, x in enumerate(_data(2))}, str(tmp_path / "calib.safetensors"))
+    out = tmp_path / "s.json"
+    assert main(["sensitivity", "tests.report.test_sensitivity:build_sensitive", "--calib",
+                 str(tmp_path / "calib.safetensors"), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[1].startswith("sens") and "most sensitive first" in text
+    assert json.loads(out.read_text())["rows"][0]["name"] == "sens"
