@@ -50,6 +50,24 @@ def _progress(total: int | None, enabled: bool):
     return tqdm(total=total, desc="qcast calibrate", unit="batch", leave=False, file=sys.stderr)
 
 
+def _collect_input_means(observed) -> list:
+    """Forward pre-hooks (removed after calibration) that record each int8 conv/linear's per-channel input mean,
+    for ``QuantConfig(bias_correction=True)``. A hook per layer, not an observer: the observer of a value may sit
+    before a max-pool or a flatten that changes what the layer actually sees. A module called at several sites
+    pools its sites (they share one bias)."""
+    import torch.nn as nn
+
+    from .convert import int8_layers
+    from .observers import ChannelMean
+
+    hooks = []
+    for target, layer in int8_layers(observed.gm).items():
+        stats = observed.qcast_input_stats.setdefault(target, ChannelMean(-1 if isinstance(layer, nn.Linear) else 1))
+        hooks.append(observed.gm.get_submodule(target).register_forward_pre_hook(
+            lambda _m, args, st=stats: st.update(args[0])))
+    return hooks
+
+
 def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None, num_batches: int | None = None,
               progress: bool = True, total: int | None = None) -> CalibrationSummary:
     """Run ``calibration_data`` through ``observed`` (from ``prepare``); returns and stores a summary."""
@@ -62,6 +80,7 @@ def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None,
         total = len(calibration_data)
     bar = _progress(total, progress)
     seen = 0
+    hooks = _collect_input_means(observed) if observed.qcast_config.bias_correction else []
     try:
         with torch.no_grad():
             for i, (args, kwargs) in enumerate(iter_calls(calibration_data, input_fn, num_batches)):
@@ -80,6 +99,8 @@ def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None,
                 if bar is not None:
                     bar.update(1)
     finally:
+        for h in hooks:
+            h.remove()
         if bar is not None:
             bar.close()
     if seen == 0:

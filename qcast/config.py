@@ -50,6 +50,8 @@ class QuantConfig:
         engine: int8 engine for conv/linear: ``auto`` (chosen per layer, accuracy first), or a fixed one.
         per_layer: mapping glob/op -> overrides of ``activation``, ``calibration``, ``engine``.
         backend: who executes the quantized graph (``"torch"``; more backends are on the roadmap).
+        bias_correction: correct each int8 conv/linear bias for the mean output shift its weight rounding causes,
+            ``(W_q - W) E[x]`` with ``E[x]`` the per-input-channel mean seen during calibration.
     """
 
     skip: tuple[str, ...] = ()
@@ -60,6 +62,7 @@ class QuantConfig:
     engine: str = "auto"
     per_layer: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     backend: str = "torch"
+    bias_correction: bool = False
 
     def __post_init__(self):
         if isinstance(self.skip, str):
@@ -75,6 +78,8 @@ class QuantConfig:
             for key, allowed in (("activation", ACTIVATION_SCHEMES), ("calibration", ESTIMATORS), ("engine", ENGINES)):
                 if key in over:
                     self._check(f"per_layer[{glob!r}].{key}", over[key], allowed)
+        if not isinstance(self.bias_correction, bool):
+            raise ConfigError(f"QuantConfig.bias_correction must be true or false, got {self.bias_correction!r}")
         if not (50.0 < float(self.percentile) <= 100.0):
             raise ConfigError(f"QuantConfig.percentile must be in (50, 100], got {self.percentile}")
 

@@ -11,7 +11,7 @@ from .capture import op_of
 from .errors import NotCalibratedError, UnsupportedError
 from .kernels import backends
 from .nn import FusedConv
-from .observers import Observer, fake_quant_weight
+from .observers import Observer, bias_shift, fake_quant_weight
 from .plan import Ctx, is_int8
 from .quantized import QDQ, OpInfo, QuantizedModel
 
@@ -31,18 +31,42 @@ def to_qdq(observed) -> fx.GraphModule:
             f"{len(missing)} observer(s) saw no data: {shown}. Run qcast.calibrate(observed, data) with "
             "representative inputs before qcast.convert(); layers your data never reaches can be kept in float "
             "with QuantConfig(skip=[...]).")
+    correct = observed.qcast_config.bias_correction
+    stats = getattr(observed, "qcast_input_stats", {})
+    if correct:
+        unseen = [t for t in int8_layers(observed.gm) if t not in stats or not stats[t].count]
+        if unseen:
+            raise NotCalibratedError(
+                f"bias_correction needs each int8 conv/linear's input mean, collected by qcast.calibrate(); none for "
+                f"{unseen[:5]}. Calibrate with qcast.calibrate(observed, data) (not by calling the observed model "
+                "directly), or use QuantConfig(bias_correction=False).")
     gm = copy.deepcopy(observed.gm)
     for node in gm.graph.nodes:
         if "qcast_observes" in node.meta:
             obs = gm.get_submodule(node.target)
             setattr(gm, node.target, QDQ(obs.qparams(), obs.name))
-        elif is_int8(node) and node.op == "call_module":
+    for target, conv in int8_layers(gm).items():  # once per module, however many call sites it has
+        w = conv.weight.detach().clone()
+        conv.weight.data = fake_quant_weight(w)
+        if correct:
+            # E[W_q x + b'] = E[W x + b]  =>  b' = b - E[(W_q - W) x]
+            shift = bias_shift(conv, w, conv.weight.detach(), stats[target])
+            bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(shift)
+            conv.bias = nn.Parameter((bias - shift).to(w.dtype), requires_grad=False)
+    gm.recompile()
+    return gm
+
+
+def int8_layers(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """Module path -> conv/linear (a FusedConv's inner one) of every int8 conv/linear call in ``gm``."""
+    out = {}
+    for node in gm.graph.nodes:
+        if is_int8(node) and node.op == "call_module":
             mod = gm.get_submodule(node.target)
             conv = mod.conv if isinstance(mod, FusedConv) else mod
             if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-                conv.weight.data = fake_quant_weight(conv.weight)
-    gm.recompile()
-    return gm
+                out[node.target] = conv
+    return out
 
 
 def _qdq_params(gm: fx.GraphModule) -> dict:

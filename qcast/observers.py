@@ -347,6 +347,57 @@ class FixedQParamsObserver(Observer):
         return self.fixed
 
 
+class ChannelMean:
+    """Running per-channel mean of a conv/linear input (for bias correction), plus the spatial size it was seen at.
+
+    Channels are dim 1 of a conv input ``[N, C, *spatial]`` and the last dim of a linear input ``[..., C]``.
+    One reduction per batch, in float64; the spatial size is the first batch's (used to account for zero padding).
+    """
+
+    def __init__(self, channel_dim: int):
+        self.channel_dim = channel_dim
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+        self.spatial: tuple[int, ...] | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
+            return
+        x = x.detach()
+        if self.channel_dim == 1:
+            dims = [d for d in range(x.dim()) if d != 1]
+            if self.spatial is None:
+                self.spatial = tuple(x.shape[2:])
+        else:
+            dims = list(range(x.dim() - 1))
+        s = x.sum(dim=dims, dtype=torch.float64) if dims else x.double()
+        if self.sum is not None and s.shape != self.sum.shape:
+            raise ValueError(f"input channels changed between batches: {tuple(self.sum.shape)} -> {tuple(s.shape)}")
+        self.sum = s if self.sum is None else self.sum + s
+        self.count += x.numel() // s.numel()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
+def bias_shift(layer: nn.Module, w: torch.Tensor, w_q: torch.Tensor, stats: ChannelMean) -> torch.Tensor:
+    """Mean output error from weight rounding, ``E[(W_q - W) x]``, per output channel (float64).
+
+    Linear: ``(W_q - W) @ E[x]``. Conv: the layer's own conv of a constant image ``E[x]`` (per channel, at the
+    calibration input size, with the layer's zero padding, stride, dilation and groups) by ``W_q - W``, averaged
+    over output positions: border outputs see padding zeros, not ``E[x]``, and this accounts for it exactly.
+    """
+    dw = (w_q.double() - w.double())
+    mean = stats.mean
+    if isinstance(layer, nn.Linear):
+        return dw @ mean
+    conv = torch.nn.functional.conv2d if isinstance(layer, nn.Conv2d) else torch.nn.functional.conv1d
+    img = mean.view(1, -1, *([1] * len(stats.spatial))).expand(1, mean.numel(), *stats.spatial)
+    out = conv(img, dw, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return out.mean(dim=[0] + list(range(2, out.dim())))
+
+
 # ------------------------------------------------------------------------------------------------
 # weights
 # ------------------------------------------------------------------------------------------------

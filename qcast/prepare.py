@@ -31,6 +31,8 @@ class ObservedModel(nn.Module):
         self.qcast_opaque = dict(opaque)
         self.qcast_input_names = tuple(input_names)
         self.qcast_summary = None
+        # module path -> ChannelMean of that int8 conv/linear's input (filled by calibrate() for bias_correction)
+        self.qcast_input_stats: dict = {}
 
     def forward(self, *args, **kwargs):
         return self.gm(*args, **kwargs)

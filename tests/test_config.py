@@ -23,6 +23,7 @@ def _resnet_quantized(config):
 # validation and JSON
 # ------------------------------------------------------------------------------------------------
 FULL = QuantConfig(skip=["layer4.*", "add"], calibration="percentile", percentile=99.9, engine="auto",
+                   bias_correction=not QuantConfig().bias_correction,
                    per_layer={"fc": {"activation": "float"}, "layer1.*": {"engine": "onednn", "calibration": "minmax"}})
 
 
@@ -76,6 +77,7 @@ def test_unknown_per_layer_key_is_a_config_error_naming_the_key():
     ({"weight": "int4"}, "weight"),
     ({"percentile": 120.0}, "percentile"),
     ({"skip": "layer4.*"}, "skip"),
+    ({"bias_correction": "yes"}, "bias_correction"),
 ])
 def test_bad_values_are_config_errors(kwargs, needle):
     with pytest.raises(ConfigError, match=needle) as e:

@@ -172,3 +172,18 @@ def test_round_trip_of_constant_and_number_operands(tmp_path):
         for v in (0.3, -0.2):
             assert torch.equal(q(x, v), q2(x, v))
             assert qcast.report.sqnr(model(x, v), q2(x, v)) > 37.0  # measured 41.3 / 40.2 dB
+
+
+def test_round_trip_keeps_a_bias_created_by_bias_correction(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 1, bias=False)).eval()
+    calib = [torch.rand(2, 3, 8, 8) + 2.0 for _ in range(3)]
+    q = qcast.quantize(model, calib, config={"bias_correction": True}, progress=False)
+    assert q.graph_module.get_submodule("0").bias is not None  # the correction gave the bias-less conv a bias
+    qcast.save(q, tmp_path / "m.qcast")
+    q2 = qcast.load(tmp_path / "m.qcast")
+    x = torch.rand(2, 3, 8, 8) + 2.0
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+    assert qcast.QuantConfig.from_dict(q2.qcast_meta["config"]).bias_correction is True
