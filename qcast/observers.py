@@ -282,15 +282,36 @@ class KLObserver(HistogramObserver):
         i = int(torch.argmin(kl))
         return float(a[i]), float(b[i])
 
+    #: a bin is a spike when it holds this share of all values and this many times its neighbourhood's average
+    SPIKE_SHARE, SPIKE_RATIO, MAX_SPIKES = 1e-3, 16.0, 64
+
+    @staticmethod
+    def _spikes(p: torch.Tensor, zero_bin: int | None) -> torch.Tensor:
+        window = 17
+        kernel = torch.ones(1, 1, window, dtype=p.dtype)
+        kernel[0, 0, window // 2] = 0.0
+        local = torch.nn.functional.conv1d(p.view(1, 1, -1), kernel, padding=window // 2).view(-1) / (window - 1)
+        spike = (p > KLObserver.SPIKE_SHARE) & (p > KLObserver.SPIKE_RATIO * local)
+        if zero_bin is not None:
+            spike[zero_bin] = True
+        idx = spike.nonzero().flatten()
+        if len(idx) > KLObserver.MAX_SPIKES:
+            idx = idx[p[idx].argsort(descending=True)[:KLObserver.MAX_SPIKES]]
+        return idx
+
     @staticmethod
     def _kl(centers: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, levels: int,
             zero_bin: int | None = None, chunk: int = 64) -> torch.Tensor:
         """KL(P || Q) for each candidate range ``[a[k], b[k]]`` (vectorised in chunks of candidates).
 
-        ``zero_bin``: the bin holding 0.0, kept as a cell of its own (0 is exact on the int8 grid). Without it the
-        zeros of a post-relu tensor (often half its values) would be smeared over their grid cell's bins, and KL
-        would shrink the range just to narrow that cell.
+        Spikes (the bin holding 0.0, and bins holding far more than their neighbourhood: the zeros of a post-relu
+        tensor, a BatchNorm after a relu mapping them to one constant per channel) are cells of their own: a spike
+        is one value, rounded to one grid point with no loss of information, but TensorRT's Q would smear it over
+        its grid cell's bins, and KL would then shrink the range just to narrow that cell (CREPE tiny, whose
+        BatchNorms follow relus: output SQNR 22.8 dB without the spike cells, 24.4 dB with them; its heavy tails
+        are still clipped harder than by ``mse``, 35.4 dB).
         """
+        spikes = KLObserver._spikes(p, zero_bin)
         out = []
         bins = p.numel()
         cdf = torch.cumsum(p, 0)
@@ -309,12 +330,13 @@ class KLObserver(HistogramObserver):
             ref.scatter_add_(1, last[:, None], above[:, None])
             scale = (bk - ak) / levels
             cell = torch.round((centers[None, :] - ak) / scale).clamp(0, levels).long()
-            if zero_bin is not None:  # zero is exact (zero_point): its bin, the spike of a post-relu tensor, is a cell
-                cell[:, zero_bin] = levels + 1
-            flat = (cell + torch.arange(k)[:, None] * (levels + 2)).flatten()
-            mass = torch.zeros(k * (levels + 2), dtype=p.dtype).index_add_(0, flat, sliced.flatten())
+            cells = levels + 1 + len(spikes)
+            if len(spikes):  # a spike lands on one grid point whatever the range: a cell of its own, never smeared
+                cell[:, spikes] = levels + 1 + torch.arange(len(spikes))
+            flat = (cell + torch.arange(k)[:, None] * cells).flatten()
+            mass = torch.zeros(k * cells, dtype=p.dtype).index_add_(0, flat, sliced.flatten())
             nz = (sliced > 0).to(p.dtype)
-            count = torch.zeros(k * (levels + 2), dtype=p.dtype).index_add_(0, flat, nz.flatten())
+            count = torch.zeros(k * cells, dtype=p.dtype).index_add_(0, flat, nz.flatten())
             q = (mass[flat] / count[flat].clamp_min(1.0)).view(k, bins) * nz
             ref = ref / ref.sum(1, keepdim=True)
             q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
