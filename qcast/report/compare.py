@@ -11,7 +11,7 @@ import copy
 import html
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -75,6 +75,11 @@ class CompareReport:
     output_sqnr: float
     outputs_sqnr: tuple[float, ...]
     batches: int
+    # layer names in graph (execution) order, for the SQNR chart; empty: report order
+    order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    # bounded random samples of the float activations of the worst layers (with an int8 range):
+    # name -> (float32 values, float min, float max over all values seen)
+    samples: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __repr__(self) -> str:
         return f"CompareReport(output_sqnr={self.output_sqnr:.1f} dB, layers={len(self.layers)}, batches={self.batches})"
@@ -99,16 +104,51 @@ class CompareReport:
         return json.dumps(d, indent=indent)
 
     def to_html(self, path) -> None:
-        rows = "".join(
-            f"<tr><td>{html.escape(r.name)}</td><td>{r.op}</td><td>{r.precision}</td><td>{r.sqnr:.1f}</td>"
-            f"<td>{'' if r.sqnr_isolated is None else f'{r.sqnr_isolated:.1f}'}</td>"
-            f"<td>{'' if r.saturation is None else f'{100 * r.saturation:.2f}'}</td></tr>" for r in self.layers)
-        page = (f"<!doctype html><meta charset=utf-8><title>qcast report</title><h1>qcast: int8 vs float</h1>"
-                f"<p>Output SQNR {self.output_sqnr:.1f} dB over {self.batches} batch(es). Worst layers first.</p>"
-                f"<table border=1 cellpadding=3><tr><th>layer</th><th>op</th><th>precision</th><th>SQNR dB</th>"
-                f"<th>isolated dB</th><th>saturated %</th></tr>{rows}</table>")
+        """A self-contained HTML page: per-layer SQNR chart, histograms of the worst layers' float activations with
+        the int8 clipping range, and the table. Plots are inline base64 PNGs rendered by matplotlib (optional:
+        ``pip install qcast[report]``); without it the page has the tables and says why the plots are missing."""
         with open(path, "w", encoding="utf-8") as f:
-            f.write(page)
+            f.write(self.html())
+
+    def html(self) -> str:
+        """The page :meth:`to_html` writes."""
+        from . import plots
+
+        esc = html.escape
+        rows = "".join(
+            f"<tr><td>{esc(r.name)}</td><td>{esc(r.op)}</td><td>{esc(r.precision)}</td><td>{r.sqnr:.1f}</td>"
+            f"<td>{'' if r.sqnr_isolated is None else f'{r.sqnr_isolated:.1f}'}</td>"
+            f"<td>{'' if r.range is None else f'[{r.range[0]:.4g}, {r.range[1]:.4g}]'}</td>"
+            f"<td>{'' if r.saturation is None else f'{100 * r.saturation:.2f}'}</td></tr>" for r in self.layers)
+        Figure = plots.load()
+        if Figure is None:
+            figs = f'<p class="notice"><b>{esc(plots.NOTICE)}</b> (this report has tables only).</p>'
+        else:
+            by_name = {r.name: r for r in self.layers}
+            ordered = [by_name[n] for n in self.order if n in by_name] or list(self.layers)
+            figs = "<h2>Per-layer SQNR</h2>"
+            if ordered:
+                figs += (f'<img alt="per-layer SQNR" src="data:image/png;base64,{plots.sqnr_chart(Figure, ordered)}">')
+            hist = [(by_name[n], *self.samples[n]) for n in self.samples if n in by_name]
+            hist.sort(key=lambda t: t[0].sqnr)
+            if hist:
+                figs += ("<h2>Worst layers: float activations and the int8 clipping range</h2>"
+                         '<div class="hists">')
+                for r, values, fmin, fmax in hist:
+                    figs += (f'<figure><img alt="activations of {esc(r.name)}" '
+                             f'src="data:image/png;base64,{plots.histogram(Figure, r, values, fmin, fmax)}">'
+                             f"<figcaption>{esc(r.name)}</figcaption></figure>")
+                figs += "</div>"
+        style = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
+                 "td,th{border:1px solid #999;padding:3px 6px}td:nth-child(n+4){text-align:right}"
+                 "img{max-width:100%}.hists{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}"
+                 ".notice{background:#fff3cd;border:1px solid #e0c36b;padding:8px}")
+        return (f"<!doctype html>\n<html><head><meta charset=utf-8><title>qcast report</title><style>{style}</style>"
+                f"</head><body><h1>qcast: int8 vs float</h1>"
+                f"<p>Output SQNR {self.output_sqnr:.1f} dB over {self.batches} batch(es).</p>{figs}"
+                f"<h2>Layers, worst first</h2>"
+                f"<table><tr><th>layer</th><th>op</th><th>precision</th><th>SQNR dB</th>"
+                f"<th>isolated dB</th><th>range</th><th>saturated %</th></tr>{rows}</table></body></html>\n")
 
 
 @dataclass(frozen=True)
@@ -156,8 +196,17 @@ def _float_graph(model: nn.Module, args, kwargs, config: QuantConfig):
     return cap.gm, lambda a, k: placeholder_values(cap.gm, *bind_inputs(work, a, k))
 
 
-def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batches: int | None = None) -> CompareReport:
-    """Per-op SQNR of ``qmodel`` against ``model`` on ``inputs`` (one item or an iterable of items)."""
+HIST_LAYERS = 5  # worst layers whose float activations are kept for the HTML histograms
+_SAMPLE_BUDGET = 4_000_000  # float32 values sampled over all layers during the pass (16 MB), whatever the model
+
+
+def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batches: int | None = None,
+            hist_samples: int = 100_000) -> CompareReport:
+    """Per-op SQNR of ``qmodel`` against ``model`` on ``inputs`` (one item or an iterable of items).
+
+    ``hist_samples``: at most this many float activation values are sampled per layer (fewer on models with many
+    layers: 4M values in all), kept for the ``HIST_LAYERS`` worst layers only, for the HTML report's histograms.
+    0 disables."""
     check_model(model)
     if not isinstance(qmodel, QuantizedModel):
         raise UnsupportedError(f"compare() needs a model from qcast.quantize/convert/load, got {type(qmodel).__name__}")
@@ -169,6 +218,9 @@ def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batche
     qnodes = {n.meta.get("qcast_name"): n for n in qgm.graph.nodes if n.meta.get("qcast_name")}
     acc: dict[str, list] = {}
     out_acc: list[list] = []
+    per_layer = min(hist_samples, _SAMPLE_BUDGET // max(1, len(records)))
+    per_batch = max(1, per_layer // len(calls)) if per_layer > 0 else 0
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for args, kwargs in calls:
             fr, qr = _Recorder(fgm), _Recorder(qgm)
@@ -196,6 +248,8 @@ def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batche
                     s["sat"] += int((q == qmax).sum()) + (int((q == qmin).sum()) if zp != qmin else 0)
                     s["n"] += q.numel()
                     s["range"] = (qv.q_scale() * (qmin - zp), qv.q_scale() * (qmax - zp))
+                    if per_batch and fv.is_floating_point() and fv.numel():
+                        _sample(s, fv, per_batch, gen)
                 node = qnodes.get(name)
                 if node is not None and node.op == "call_module" and isinstance(qgm.get_submodule(node.target), KernelModule):
                     _isolated(s, qgm.get_submodule(node.target), qr.args_of.get(name), fgm, name, fr, fv)
@@ -207,7 +261,21 @@ def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batche
                                   s["range"], (s["sat"] / s["n"]) if s["n"] else None))
     layers.sort(key=lambda r: r.sqnr)
     outs = tuple(_db(sig, noise) for sig, noise in out_acc)
-    return CompareReport(tuple(layers), min(outs) if outs else math.nan, outs, len(calls))
+    worst = [r.name for r in layers if r.range is not None and acc[r.name].get("vals")][:HIST_LAYERS]
+    samples = {n: (torch.cat(acc[n]["vals"]).numpy(), acc[n]["fmin"], acc[n]["fmax"]) for n in worst}
+    order = tuple(n for n in records if n in acc)
+    return CompareReport(tuple(layers), min(outs) if outs else math.nan, outs, len(calls), order, samples)
+
+
+def _sample(s: dict, fv: torch.Tensor, k: int, gen: torch.Generator) -> None:
+    """Keep up to ``k`` random float values of this batch (and the exact min/max) for the layer's histogram."""
+    flat = fv.detach().reshape(-1).cpu()
+    lo, hi = flat.min().item(), flat.max().item()
+    s["fmin"] = min(s.get("fmin", lo), lo)
+    s["fmax"] = max(s.get("fmax", hi), hi)
+    if flat.numel() > k:
+        flat = flat[torch.randint(flat.numel(), (k,), generator=gen)]
+    s.setdefault("vals", []).append(flat.float().clone())
 
 
 def _isolated(s, kernel, qargs, fgm, name, fr: _Recorder, fv):
