@@ -42,6 +42,11 @@ class KernelImpl:
         return ""
 
 
+def input_meta(node: fx.Node, ctx):
+    """Shape/dtype of a node's first argument (``TensorMeta``), or None when it is not a traced tensor."""
+    return ctx.meta(node.args[0]) if node.args else None
+
+
 class KernelModule(nn.Module):
     """Base of int8 kernel modules: ``spec()`` gives JSON-able config + tensors; ``from_spec`` rebuilds."""
 

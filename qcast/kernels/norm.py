@@ -6,7 +6,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..nn import FusedBatchNorm
-from .base import KernelImpl, KernelModule, kernel_module
+from .base import KernelImpl, KernelModule, input_meta, kernel_module
 from .registry import register
 
 _OPS = {(3, False): torch.ops.quantized.batch_norm1d, (4, False): torch.ops.quantized.batch_norm2d,
@@ -63,7 +63,7 @@ class BatchNormKernel(KernelImpl):
             return "functional batch_norm has no int8 kernel (the nn.BatchNorm1d/2d module does)"
         if not bn.track_running_stats or bn.running_mean is None:
             return "it normalises with batch statistics, which have no int8 kernel"
-        meta = ctx.meta(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        meta = input_meta(node, ctx)
         if meta is None or not meta.is_float or len(meta.shape) not in (3, 4):
             return "int8 BatchNorm needs an (N, C, L) or (N, C, H, W) floating-point input"
         return None

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture import TensorMeta
-from .base import KernelImpl, KernelModule, kernel_module
+from .base import KernelImpl, KernelModule, input_meta, kernel_module
 from .registry import register
 
 
@@ -45,7 +45,7 @@ class PoolKernel(Passthrough):
                 return "max pooling with return_indices has no int8 kernel"
         elif node.kwargs.get("return_indices"):
             return "max pooling with return_indices has no int8 kernel"
-        meta = ctx.meta(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        meta = input_meta(node, ctx)
         if meta is None or len(meta.shape) not in (3, 4):
             return "pooling on this input rank has no int8 kernel"
         return None
@@ -64,7 +64,7 @@ class InterpolateKernel(Passthrough):
                 return "antialiased resize has no int8 kernel"
         if mode not in ("nearest", "bilinear"):
             return f"interpolate mode={mode!r} has no int8 kernel (nearest and bilinear do)"
-        meta = ctx.meta(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        meta = input_meta(node, ctx)
         if meta is None or len(meta.shape) != 4:
             return "resize on a non-4-D input has no int8 kernel"
         return None
@@ -111,7 +111,7 @@ class AverageKernel(Passthrough):
         if ctx.op(node) == "mean" and (node.kwargs.get("dtype") is not None
                                       or (len(node.args) > 3 and node.args[3] is not None)):
             return "mean with a dtype= argument has no int8 kernel"
-        meta = ctx.meta(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        meta = input_meta(node, ctx)
         if meta is None or not meta.is_float:
             return "its input is not a floating-point tensor"
         if ctx.op(node) == "adaptive_avg_pool" and len(meta.shape) not in (3, 4):
