@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from ..capture import TensorMeta
