@@ -1,4 +1,5 @@
-"""Ops that run on the quantized tensor as is, with no requantization (params pass through)."""
+"""Ops that run on the quantized tensor as is, with no requantization (params pass through); a global average is
+the exception (``AverageKernel``: requantized to its own params)."""
 from __future__ import annotations
 
 import math
