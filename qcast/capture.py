@@ -26,6 +26,14 @@ import torch.nn.functional as F
 
 from .errors import CaptureError, InputError
 
+def attr_at(root: nn.Module, target: str) -> Any:
+    """The attribute a ``get_attr`` / ``call_module`` target names (``"layer1.0.scale"``), walked from ``root``."""
+    obj = root
+    for part in str(target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 # -------------------------------------------------------------------------------------------------
 # op names: every node gets one plain name; kernels are registered against these names
 # -------------------------------------------------------------------------------------------------

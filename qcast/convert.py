@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import op_of
+from .capture import attr_at, op_of
 from .errors import NotCalibratedError, UnsupportedError
 from .kernels import backends
 from .nn import FusedConv
@@ -154,7 +154,7 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
         else:
             new = graph.node_copy(n, float_arg)
             if n.op in ("call_module", "get_attr"):
-                root[n.target] = _get(qdq, n.target)
+                root[n.target] = attr_at(qdq, n.target)
             new.meta.update({k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
             env_f[n] = new
     for n in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
@@ -162,12 +162,6 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
     graph.lint()
     return fx.GraphModule(root, graph, class_name=type(qdq).__name__.replace("Graph", "") + "Int8")
 
-
-def _get(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _safe(name: str) -> str:

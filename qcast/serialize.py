@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .capture import attr_at
 from .errors import FormatError
 from .kernels.base import KERNEL_MODULES, KernelModule
 from .nn import FusedBatchNorm, FusedConv
@@ -246,9 +247,7 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
         if n.op == "call_module" and n.target not in modules:
             modules[n.target] = _module_spec(n.target, gm.get_submodule(n.target), tensors)
         if n.op == "get_attr" and n.target not in attrs:
-            obj = gm
-            for part in n.target.split("."):
-                obj = getattr(obj, part)
+            obj = attr_at(gm, n.target)
             if not isinstance(obj, torch.Tensor):
                 raise FormatError(f"{where}: cannot save attribute {n.target!r} of type {type(obj).__name__}")
             tensors[f"attr::{n.target}"] = obj.detach()

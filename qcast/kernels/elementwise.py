@@ -7,6 +7,7 @@ import numbers
 import torch
 import torch.fx as fx
 
+from ..capture import attr_at
 from ..nn import add_relu
 from ..observers import QParams, qparams_from_range
 from .base import KernelImpl, KernelModule, kernel_module
@@ -36,13 +37,6 @@ def _other(node: fx.Node):
     """The operand beside the (first) activation, and its role."""
     a, b = node.args[:2]
     return (b, _role(b)) if _role(a) == "activation" else (a, _role(a))
-
-
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _name(n: fx.Node) -> str:
@@ -183,7 +177,7 @@ class QScalarArg(KernelModule):
 
 def _constant_reason(act: fx.Node, const: fx.Node, ctx) -> str | None:
     """Why ``activation (add|mul) parameter/buffer`` cannot run int8 (None when it can)."""
-    value, meta, what = _attr(ctx.gm, const.target), ctx.meta(act), f"constant operand '{const.target}'"
+    value, meta, what = attr_at(ctx.gm, const.target), ctx.meta(act), f"constant operand '{const.target}'"
     if not isinstance(value, torch.Tensor):
         return f"{what} is a {type(value).__name__}, not a tensor"
     if not value.is_floating_point() or value.dtype != meta.dtype:
@@ -268,7 +262,7 @@ class BinaryKernel(KernelImpl):
         qp = ctx.out_qparams(node)
         fn = "add_relu" if node.target is add_relu else ctx.op(node)
         if role == "constant":  # the activation goes first: the kernel allocates its output like that operand
-            return QBinaryConst.from_float(fn, _attr(ctx.gm, other.target), qp.scale, qp.zero_point), (act,)
+            return QBinaryConst.from_float(fn, attr_at(ctx.gm, other.target), qp.scale, qp.zero_point), (act,)
         if role == "number_arg":
             return QScalarArg(fn, qp.scale, qp.zero_point), (act, other)
         a, b = node.args

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..capture import attr_at
 from ._util import finish
 
 
@@ -30,10 +31,7 @@ def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
 
     def value(n: fx.Node):
         if n not in values:
-            obj = gm
-            for part in str(n.target).split("."):
-                obj = getattr(obj, part)
-            values[n] = obj
+            values[n] = attr_at(gm, n.target)
         return values[n]
 
     folded = 0
