@@ -53,6 +53,9 @@ class QuantConfig:
         bias_correction: correct each int8 conv/linear bias for the mean output shift its weight rounding causes,
             ``(W_q - W) E[x]`` with ``E[x]`` the per-input-channel mean seen during calibration (default on:
             +0.0..+4.3 dB output SQNR measured on every CNN, docs/design.md).
+        equalize: cross-layer equalization before quantization (``qcast.passes.equalize``): consecutive
+            conv/linear layers get matching per-channel weight ranges by a per-channel rescaling that keeps the
+            float function; depthwise networks are the target (default chosen by measurement, docs/design.md).
     """
 
     skip: tuple[str, ...] = ()
@@ -64,6 +67,7 @@ class QuantConfig:
     per_layer: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     backend: str = "torch"
     bias_correction: bool = True
+    equalize: bool = False
 
     def __post_init__(self):
         if isinstance(self.skip, str):
@@ -81,6 +85,8 @@ class QuantConfig:
                     self._check(f"per_layer[{glob!r}].{key}", over[key], allowed)
         if not isinstance(self.bias_correction, bool):
             raise ConfigError(f"QuantConfig.bias_correction must be true or false, got {self.bias_correction!r}")
+        if not isinstance(self.equalize, bool):
+            raise ConfigError(f"QuantConfig.equalize must be true or false, got {self.equalize!r}")
         if not (50.0 < float(self.percentile) <= 100.0):
             raise ConfigError(f"QuantConfig.percentile must be in (50, 100], got {self.percentile}")
 

@@ -212,4 +212,6 @@ def convert(observed, backend: str = "torch") -> QuantizedModel:
         "opaque": dict(observed.qcast_opaque),
         "calibration_batches": observed.qcast_summary.batches if observed.qcast_summary else 0,
     }
+    if "qcast_equalization" in observed.gm.meta:  # QuantConfig(equalize=True): how many pairs, scale range
+        meta["equalization"] = observed.gm.meta["qcast_equalization"].summary()
     return QuantizedModel(gm, records(qdq, observed.qcast_opaque), meta)

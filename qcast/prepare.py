@@ -130,14 +130,18 @@ def check_patterns(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, st
 
 
 def transform(gm: fx.GraphModule, config: QuantConfig, values: list[Any]) -> None:
-    """The graph passes, in place: fold constants, fold BN, then fuse. Fusing a residual add depends on shapes, so shapes are
-    propagated (``node.meta['qcast_val']``) before ``fuse`` and again after it for the nodes it creates.
+    """The graph passes, in place: fold constants, fold BN, equalize (``config.equalize``), then fuse. Fusing a residual
+    add depends on shapes, so shapes are propagated (``node.meta['qcast_val']``) before ``equalize`` / ``fuse`` and again
+    after it for the nodes it creates. The equalization summary goes to ``gm.meta['qcast_equalization']``.
     ``compare`` runs this too, so its float graph has the same op names as the quantized one."""
     passes.fold_constants(gm)
     _debug("fold_constants", gm)
     passes.fold_bn(gm)
     _debug("fold_bn", gm)
     propagate_shapes(gm, values)
+    if config.equalize:  # rescales weights only: shapes stay valid
+        gm.meta["qcast_equalization"] = passes.equalize(gm, config)
+        _debug("equalize", gm)
     passes.fuse(gm, config)
     _debug("fuse", gm)
     propagate_shapes(gm, values)
