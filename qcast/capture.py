@@ -197,6 +197,7 @@ class Captured:
     gm: fx.GraphModule
     opaque: dict[str, str] = field(default_factory=dict)
     input_names: tuple[str, ...] = ()
+    via: str = "torch.fx"  # or "torch.export": see capture_export.py
 
 
 def bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[str], list[Any]]:
@@ -252,16 +253,32 @@ def capture(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
         try:
             graph = _trace(model, set(found), concrete)
         except Exception as e:  # noqa: BLE001
-            raise CaptureError(
-                f"the top-level forward() of {type(model).__name__} cannot be captured: {_trace_reason(e)}. "
-                "qcast captures a model with torch.fx; data-dependent Python control flow must live inside a "
-                "submodule (which then runs in float) rather than in the top-level forward. "
-                "Move that branch into its own nn.Module, or quantize the traceable submodules separately."
-            ) from root_error
+            fx_reason = _trace_reason(e)
+            gm = _export_or_raise(model, args, kwargs, names, fx_reason, root_error)
+            _annotate(gm)
+            return Captured(gm=gm, opaque={}, input_names=tuple(names), via="torch.export")
         opaque_paths = {path: reason for path, reason in found.values()}
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
     _annotate(gm)
     return Captured(gm=gm, opaque=opaque_paths, input_names=tuple(names))
+
+
+def _export_or_raise(model: nn.Module, args: tuple, kwargs: dict, names: list[str], fx_reason: str,
+                     root_error: BaseException) -> fx.GraphModule:
+    """The torch.export capture of a model whose top-level forward torch.fx cannot trace, or a CaptureError
+    that gives both reasons and the fix."""
+    from .capture_export import export_graph
+
+    _, values = bind_inputs(model, args, kwargs)
+    try:
+        return export_graph(model, args, kwargs, names, values)
+    except Exception as e:  # noqa: BLE001
+        raise CaptureError(
+            f"the top-level forward() of {type(model).__name__} cannot be captured. torch.fx: {fx_reason}. "
+            f"torch.export: {_trace_reason(e)}. Data-dependent Python control flow must live inside a submodule "
+            "(which then runs in float) rather than in the top-level forward: move that branch into its own "
+            "nn.Module, or quantize the traceable submodules separately."
+        ) from root_error
 
 
 def _module_path(node: fx.Node) -> str:

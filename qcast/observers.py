@@ -205,23 +205,36 @@ class MSEObserver(HistogramObserver):
     """Searches clip ranges [a*lo, b*hi] and keeps the one with least expected squared error."""
 
     def clip_range(self):
+        # computed once per amount of data seen (the calibration summary and convert both ask)
+        cached = getattr(self, "_clip_cache", None)
+        if cached is not None and cached[0] == self.batches:
+            return cached[1]
+        result = self._search()
+        self._clip_cache = (self.batches, result)
+        return result
+
+    def _search(self) -> tuple[float, float]:
+        """Expected squared error of every candidate ``[a, b]`` at once, from prefix sums over the histogram:
+        values below ``a`` cost ``(c - a)^2``, above ``b`` cost ``(c - b)^2``, inside cost ``scale^2 / 12``."""
         centers, counts = self._centers(), self.hist
         lo, hi = min(self.min_val, 0.0), max(self.max_val, 0.0)
         fracs = torch.linspace(0.2, 1.0, 81, dtype=torch.float64)
         levels = self.qmax - self.qmin
-        best, best_err = (lo, hi), math.inf
-        lo_fracs = fracs if lo < 0 else torch.ones(1, dtype=torch.float64)
-        for lf in lo_fracs:
-            a = lo * float(lf)
-            b = hi * fracs  # all hi candidates at once
-            scale = ((b - a) / levels).clamp_min(1e-12)  # [F]
-            c = centers[None, :]
-            clipped = torch.minimum(torch.maximum(c, torch.full_like(c, a)), b[:, None])
-            err = ((c - clipped) ** 2 + (scale[:, None] ** 2) / 12.0 * ((c >= a) & (c <= b[:, None]))) @ counts
-            i = int(torch.argmin(err))
-            if float(err[i]) < best_err:
-                best_err, best = float(err[i]), (a, float(b[i]))
-        return best
+        a = lo * fracs if lo < 0 else torch.full((1,), lo, dtype=torch.float64)  # [A]
+        b = hi * fracs  # [B]
+        zero = torch.zeros(1, dtype=torch.float64)
+        s0 = torch.cat([zero, torch.cumsum(counts, 0)])  # s_k[i] = sum over bins < i of n * c^k
+        s1 = torch.cat([zero, torch.cumsum(counts * centers, 0)])
+        s2 = torch.cat([zero, torch.cumsum(counts * centers * centers, 0)])
+        ia = torch.searchsorted(centers, a, right=False)  # bins with c < a
+        ib = torch.searchsorted(centers, b, right=True)  # bins with c <= b
+        below = s2[ia] - 2 * a * s1[ia] + a * a * s0[ia]  # [A]
+        above = (s2[-1] - s2[ib]) - 2 * b * (s1[-1] - s1[ib]) + b * b * (s0[-1] - s0[ib])  # [B]
+        inside = (s0[ib][None, :] - s0[ia][:, None]).clamp_min(0)  # [A, B]
+        scale = ((b[None, :] - a[:, None]) / levels).clamp_min(1e-12)
+        err = below[:, None] + above[None, :] + scale * scale / 12.0 * inside
+        i = int(torch.argmin(err))
+        return float(a[i // len(b)]), float(b[i % len(b)])
 
 
 @register_estimator("kl")
