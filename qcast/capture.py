@@ -10,6 +10,7 @@ A submodule whose own Python cannot be traced (data-dependent control flow such 
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import linecache
 import numbers
@@ -32,6 +33,20 @@ def attr_at(root: nn.Module, target: str) -> Any:
     for part in str(target).split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def copy_io(src: fx.GraphModule, graph: fx.Graph) -> None:
+    """Give ``graph`` the input/output convention of ``src``'s graph: a graph captured through torch.export
+    flattens its inputs and rebuilds its output structure (e.g. a Hugging Face ``BaseModelOutput``) with pytree
+    specs; a graph rebuilt node by node must keep that, or the int8 model would return a bare tuple."""
+    graph._codegen = copy.deepcopy(src.graph._codegen)
+
+
+def copy_specs(src: nn.Module, dst: nn.Module) -> None:
+    """The pytree specs the generated code of a torch.export graph reads (``self._in_spec``/``self._out_spec``)."""
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -70,7 +85,7 @@ FUNCTION_OPS: dict[Any, str] = {
     torch.adaptive_avg_pool1d: "adaptive_avg_pool",
     torch.flatten: "flatten", torch.reshape: "reshape", torch.permute: "permute",
     torch.transpose: "transpose", torch.chunk: "chunk", torch.split: "split", torch.squeeze: "squeeze",
-    torch.unsqueeze: "unsqueeze", operator.getitem: "getitem",
+    torch.unsqueeze: "unsqueeze", operator.getitem: "getitem", torch.unbind: "unbind",
     F.interpolate: "interpolate", F.softmax: "softmax", torch.softmax: "softmax",
     F.log_softmax: "log_softmax", torch.mean: "mean", torch.sum: "sum",
     F.conv1d: "conv1d", F.conv2d: "conv2d", F.linear: "linear", F.layer_norm: "layer_norm",
@@ -86,7 +101,7 @@ METHOD_OPS: dict[str, str] = {
     "chunk": "chunk", "split": "split", "contiguous": "contiguous", "squeeze": "squeeze",
     "unsqueeze": "unsqueeze", "size": "size", "dim": "dim", "mean": "mean", "sum": "sum",
     "softmax": "softmax", "matmul": "matmul", "expand": "expand", "clamp": "clamp", "float": "float",
-    "to": "to", "type_as": "type_as", "masked_fill": "masked_fill", "repeat": "repeat",
+    "to": "to", "type_as": "type_as", "masked_fill": "masked_fill", "repeat": "repeat", "unbind": "unbind",
 }
 
 

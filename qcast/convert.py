@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import attr_at, op_of
+from .capture import attr_at, copy_io, copy_specs, op_of
 from .errors import NotCalibratedError, UnsupportedError
 from .kernels import backends
 from .nn import FusedConv
@@ -93,6 +93,7 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
     qparams = _qdq_params(qdq)
     ctx = Ctx(qdq, config, qparams)
     graph = fx.Graph()
+    copy_io(qdq, graph)
     root: dict[str, object] = {}
     env_f: dict[fx.Node, fx.Node] = {}
     env_q: dict[fx.Node, fx.Node] = {}
@@ -160,7 +161,9 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
     for n in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
         graph.erase_node(n)  # a constant only int8 kernels read: they hold it quantized (BinaryKernel), drop the float copy
     graph.lint()
-    return fx.GraphModule(root, graph, class_name=type(qdq).__name__.replace("Graph", "") + "Int8")
+    lowered = fx.GraphModule(root, graph, class_name=type(qdq).__name__.replace("Graph", "") + "Int8")
+    copy_specs(qdq, lowered)
+    return lowered
 
 
 

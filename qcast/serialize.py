@@ -60,6 +60,8 @@ def _enc(a: Any, where: str) -> Any:
         return {"__device__": str(a)}
     if isinstance(a, torch.memory_format):
         return {"__memory_format__": str(a).replace("torch.", "")}
+    if isinstance(a, torch.layout):
+        return {"__layout__": str(a).replace("torch.", "")}
     if a is Ellipsis:
         return {"__ellipsis__": True}
     raise FormatError(f"{where}: cannot save an argument of type {type(a).__name__} ({a!r})")
@@ -83,14 +85,20 @@ def _dec(a: Any, nodes: dict[str, fx.Node]) -> Any:
         return getattr(torch, v)
     if tag == "__device__":
         return torch.device(v)
-    if tag == "__memory_format__":
+    if tag in ("__memory_format__", "__layout__"):
         return getattr(torch, v)
     if tag == "__ellipsis__":
         return Ellipsis
     raise FormatError(f"unknown argument tag {tag!r} in the manifest")
 
 
+#: operator namespaces a saved graph may call through ``torch.ops`` (graphs captured by torch.export call ATen ops)
+_SAFE_OP_NAMESPACES = ("aten", "quantized", "prims", "onednn")
+
+
 def _fn_name(fn) -> str:
+    if isinstance(fn, torch._ops.OpOverload):
+        return f"torch.ops:{fn.name().replace('::', '.')}" + ("" if "." in fn.name() else ".default")
     mod = getattr(fn, "__module__", None) or ""
     if fn in (getattr, setattr) or mod == "builtins":
         return f"builtins.{fn.__name__}"
@@ -109,6 +117,11 @@ def _resolve_fn(name: str, allowed_modules: set[str]):
         import builtins
         return getattr(builtins, name.split(".", 1)[1])
     mod_name, _, qual = name.partition(":")
+    if mod_name == "torch.ops":
+        namespace, op, overload = (qual.split(".") + ["default"])[:3]
+        if namespace not in _SAFE_OP_NAMESPACES:
+            raise FormatError(f"the saved graph calls torch.ops.{qual}, outside {_SAFE_OP_NAMESPACES}: refusing to load")
+        return getattr(getattr(getattr(torch.ops, namespace), op), overload)
     if not (mod_name.split(".")[0] in _SAFE_MODULE_PREFIXES or mod_name in allowed_modules):
         raise FormatError(f"the saved graph calls {name}, which is your own code: pass the float model, "
                           "qcast.load(path, model=model), so qcast can use it")
@@ -257,7 +270,7 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
     manifest = {
         "format": FORMAT, "version": VERSION, "nodes": nodes, "modules": modules, "attrs": attrs,
         "records": [r.__dict__ for r in qmodel.qcast_records], "meta": _enc(meta, "meta"),
-        "sha256": _digest(tensors), "class_name": type(gm).__name__,
+        "sha256": _digest(tensors), "class_name": type(gm).__name__, "pytree": _pytree_io(gm),
     }
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
@@ -267,6 +280,37 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _pytree_io(gm: fx.GraphModule) -> dict | None:
+    """The input/output structure of a graph captured through torch.export (``None`` for a plain fx graph)."""
+    import torch.utils._pytree as pytree
+
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None:
+        return None
+    try:
+        return {"orig_args": list(info.orig_args), "in_spec": pytree.treespec_dumps(info.in_spec),
+                "out_spec": pytree.treespec_dumps(info.out_spec) if info.out_spec is not None else None}
+    except Exception as e:  # noqa: BLE001 - an output type pytree cannot serialize
+        raise FormatError(f"cannot save the model's input/output structure: {e}") from None
+
+
+def _restore_pytree_io(gm: fx.GraphModule, io: dict | None, path: str) -> None:
+    import torch.utils._pytree as pytree
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+    if not io:
+        return
+    try:
+        in_spec = pytree.treespec_loads(io["in_spec"])
+        out_spec = pytree.treespec_loads(io["out_spec"]) if io.get("out_spec") else None
+    except Exception as e:  # noqa: BLE001 - e.g. the output class's package is not imported
+        raise FormatError(f"{path}: the model's output structure cannot be rebuilt ({e}); import the package that "
+                          "defines the output type (e.g. `import transformers`) before qcast.load") from None
+    gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(list(io["orig_args"]), in_spec, out_spec))
+    gm._in_spec, gm._out_spec = in_spec, out_spec
+    gm.recompile()
 
 
 def manifest_to_metadata(manifest: dict) -> dict[str, str]:
@@ -338,6 +382,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedMo
             node.meta["qcast_name"], node.meta["qcast_op"] = e["qcast_name"], e.get("qcast_op")
         env[e["name"]] = node
     gm = fx.GraphModule(root, graph, class_name=manifest.get("class_name", "QcastInt8"))
+    _restore_pytree_io(gm, manifest.get("pytree"), path)
     records = tuple(OpInfo(**r) for r in manifest["records"])
     return QuantizedModel(gm, records, _dec(manifest["meta"], {}))
 
