@@ -20,7 +20,8 @@ MobileNetV2, BlazeFace-like with random weights), plus
   ReLU6, whose depthwise outputs were given per-channel scales spread over 3 decades (BN weight and bias times
   ``c_i``), compensated in the next 1x1 conv (its input column divided by ``c_i``): the float function is unchanged,
   but the activations between the two layers now differ in range by channel, which one per-tensor activation scale
-  cannot serve. CLE has to undo that.
+  cannot serve. CLE has to undo that. ``relu_zoo`` / ``relu_digits`` are the same two models without the disparity
+  (the baseline CLE should bring the disparity models back to).
 """
 from __future__ import annotations
 
@@ -45,14 +46,17 @@ from benchmarks.estimators import sqnr  # noqa: E402
 
 cle = importlib.import_module("qcast.passes.equalize")  # the module (qcast.passes.equalize is also the function)
 
-MODELS = ("digits", "crepe", "resnet18", "mobilenet_v2", "blazeface", "digits_mnv2", "disparity_zoo",
-          "disparity_digits")
+MODELS = ("digits", "crepe", "resnet18", "mobilenet_v2", "blazeface", "digits_mnv2", "relu_zoo", "disparity_zoo",
+          "relu_digits", "disparity_digits")
 SETTINGS = (("off", None), ("skip", "skip"), ("relu", "relu"))  # (column, RELU6 policy; None = equalize off)
 
 
 # -------------------------------------------------------------------------------------------------
 # models
 # -------------------------------------------------------------------------------------------------
+CACHE_DIR: str | None = None  # --cache-dir: trained digits MobileNetV2 weights are kept there between runs
+
+
 def digits_mobilenet_v2(act: type = nn.ReLU6, seed: int = 0, epochs: int = 10):
     """A small MobileNetV2 trained on the digits (16x16, 1 channel): (model, split)."""
     from qcast.demo_data import _shift_augment, _torch_state, load_digits_split
@@ -60,12 +64,16 @@ def digits_mobilenet_v2(act: type = nn.ReLU6, seed: int = 0, epochs: int = 10):
 
     split = load_digits_split(seed)
     x_train, y_train = split[0], split[1]
-    with _torch_state(2, seed):
-        model = MobileNetV2(num_classes=10, inverted_residual_setting=[[1, 16, 1, 1], [4, 24, 2, 2], [4, 32, 2, 2],
-                                                                       [4, 64, 1, 1]], last_channel=128, dropout=0.1)
-        model.features[0][0] = nn.Conv2d(1, 32, 3, 1, 1, bias=False)
-        if act is not nn.ReLU6:
-            _replace_relu6(model, act)
+    model = MobileNetV2(num_classes=10, inverted_residual_setting=[[1, 16, 1, 1], [4, 24, 2, 2], [4, 32, 2, 2],
+                                                                   [4, 64, 1, 1]], last_channel=128, dropout=0.1)
+    model.features[0][0] = nn.Conv2d(1, 32, 3, 1, 1, bias=False)
+    if act is not nn.ReLU6:
+        _replace_relu6(model, act)
+    cached = os.path.join(CACHE_DIR, f"digits_mnv2_{act.__name__}_{seed}_{epochs}.pt") if CACHE_DIR else None
+    if cached and os.path.exists(cached):
+        model.load_state_dict(torch.load(cached, weights_only=True))
+        return model.eval(), split
+    with _torch_state(torch.get_num_threads(), seed):
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
         bs = 64
         steps = epochs * ((len(x_train) + bs - 1) // bs)
@@ -81,6 +89,9 @@ def digits_mobilenet_v2(act: type = nn.ReLU6, seed: int = 0, epochs: int = 10):
                 loss.backward()
                 opt.step()
                 sched.step()
+    if cached:
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        torch.save(model.state_dict(), cached)
     return model.eval(), split
 
 
@@ -120,17 +131,18 @@ def load(name: str):
     """(float model, calibration batches, test input, extra metric fn(qmodel) or None); None when unavailable."""
     if name in ("digits", "crepe", "resnet18", "mobilenet_v2", "blazeface"):
         return load_estimators_model(name)
-    if name in ("digits_mnv2", "disparity_digits"):
+    if name in ("digits_mnv2", "relu_digits", "disparity_digits"):
         from qcast.demo_data import accuracy, calibration_batches
         model, split = digits_mobilenet_v2(nn.ReLU6 if name == "digits_mnv2" else nn.ReLU)
         if name == "disparity_digits":
             add_disparity(model)
         x_test, y_test = split[2], split[3]
         return model, calibration_batches(split[0], 32, 8), x_test, lambda q: f"acc {100 * accuracy(q, x_test, y_test):.2f}%"
-    if name == "disparity_zoo":
+    if name in ("relu_zoo", "disparity_zoo"):
         model, calib, x, metric = load_estimators_model("mobilenet_v2")
         _replace_relu6(model, nn.ReLU)
-        add_disparity(model)
+        if name == "disparity_zoo":
+            add_disparity(model)
         return model, calib, x, metric
     raise SystemExit(f"unknown model {name!r}; models: {MODELS}")
 
@@ -226,7 +238,7 @@ def render(results: dict) -> str:
         for k in cols:
             v = row.get(k)
             cells.append("=" if v is None else (f"**{v:.1f}**" if v == best else f"{v:.1f}"))
-        fire = (f"{100 * row['relu6_fire_elements']:.2f}% of values, {100 * row['relu6_fire_channels']:.0f}% of "
+        fire = (f"{100 * row['relu6_fire_elements']:.3f}% of values, {100 * row['relu6_fire_channels']:.0f}% of "
                 f"channels; relu6->relu float {row['relu6_as_relu_float_sqnr']:.1f} dB"
                 if "relu6_fire_elements" in row else "no relu6")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fire} |")
@@ -238,7 +250,10 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--cache-dir", help="keep the trained digits MobileNetV2 weights here between runs")
     args = ap.parse_args(argv)
+    global CACHE_DIR
+    CACHE_DIR = args.cache_dir
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     results = {name: measure(name) for name in args.models.split(",") if name}

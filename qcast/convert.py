@@ -129,11 +129,17 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
             else:
                 env_f[n] = F(v)
                 env_q[n] = graph.call_function(torch.quantize_per_tensor, (F(v), qp.scale, qp.zero_point, qp.torch_dtype))
+        elif plan is not None and plan.precision == "int8" and plan.kind == "weight_only":  # e.g. embedding
+            mod, args = plan.kernel.impl.build(n, ctx)  # int8 weights, float output
+            target = n.target if n.op == "call_module" else "qcast_k." + _safe(plan.name)
+            root[target] = mod
+            env_f[n] = graph.call_module(target, fx.map_arg(args, float_arg))
+            env_f[n].meta.update({k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
         elif plan is not None and plan.precision == "int8":
             impl = plan.kernel.impl
             qin = set(impl.quant_inputs(n))
             pick = lambda a: Q(a) if a in qin else float_arg(a)  # noqa: E731
-            if plan.kind == "compute" or hasattr(impl, "build") and plan.kind == "passthrough" and n.op != "call_module" and plan.op in ("add", "mul"):
+            if plan.kind == "compute" or hasattr(impl, "build") and plan.kind == "passthrough" and n.op != "call_module" and plan.op in ("add", "mul", "div"):
                 mod, args = impl.build(n, ctx)
                 if n.op == "call_module":
                     # each call site of a module has its own output params, so its own kernel: the first keeps

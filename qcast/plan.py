@@ -9,6 +9,7 @@ import torch.nn as nn
 from .capture import TensorMeta
 from .config import QuantConfig
 from .kernels import Kernel, lookup
+from .kernels.registry import declined
 from .kernels.engines import available
 
 HIDDEN_OPS = {"getitem", "size", "dim", "contiguous"}
@@ -62,12 +63,15 @@ class Ctx:
 
 
 def is_int8(node) -> bool:
+    """Whether the node's value is an int8 tensor (a ``weight_only`` op, e.g. an embedding, has int8 weights only)."""
     p = Ctx.plan(node) if isinstance(node, fx.Node) else None
-    return p is not None and p.precision == "int8"
+    return p is not None and p.precision == "int8" and p.kind != "weight_only"
 
 
 def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) -> None:
     """Decide each node's precision; int8 only where a registered kernel accepts it (evidence, not lists)."""
+    from .kernels.transformer import keep_residual_stream_float
+    keep_residual_stream_float(gm)  # adds/cats feeding a layer_norm stay float (kernels/transformer.py says why)
     ctx = Ctx(gm, config)
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
@@ -80,7 +84,7 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
         p = Plan(name=name, op=op, path=path, fused=fused)
         node.meta["qcast_plan"] = p
         meta = node.meta.get("qcast_val")
-        tensor_out = isinstance(meta, TensorMeta) or (op in ("chunk", "split") and isinstance(meta, (tuple, list)))
+        tensor_out = isinstance(meta, TensorMeta) or (op in ("chunk", "split", "unbind") and isinstance(meta, (tuple, list)))
         p.visible = tensor_out and op not in HIDDEN_OPS
         p.reason = _float_reason(node, p, ctx, opaque, tensor_out) or ""
         if p.reason and node.meta.get("qcast_unfolded"):  # a BatchNorm fold_bn could not fold, kept in float
@@ -93,8 +97,8 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
                 if fused or node.meta.get("qcast_folded"):
                     p.reason += "; fused " + "+".join(["bn"] * bool(node.meta.get("qcast_folded")) + list(fused))
             else:
-                p.reason = {"fixed": "fixed output params", "passthrough": "runs on the int8 tensor, no requantization"
-                            }.get(p.kind, "requantized to calibrated output params")
+                p.reason = {"fixed": "fixed output params", "passthrough": "runs on the int8 tensor, no requantization",
+                            "weight_only": "int8 weights"}.get(p.kind, "requantized to calibrated output params")
                 note = p.kernel.impl.note(node, ctx)
                 if note:
                     p.reason += "; " + note
@@ -116,12 +120,16 @@ def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: b
         return "kept in float by QuantConfig activation='float'"
     kernel = lookup(p.op, ctx.config.backend)
     if kernel is None:
-        return (f"no int8 kernel for '{p.op}' on the {ctx.config.backend} backend (see `qcast ops`); runs in float "
-                "with dequantize/quantize around it")
+        return declined(p.op, ctx.config.backend) or (
+            f"no int8 kernel for '{p.op}' on the {ctx.config.backend} backend (see `qcast ops`); runs in float "
+            "with dequantize/quantize around it")
     p.kernel = kernel
     reason = kernel.impl.check(node, ctx)
     if reason:
         return reason
+    if kernel.kind == "weight_only":  # int8 weights, float in and out: nothing to observe
+        p.engine = "native"
+        return None
     inputs = kernel.impl.quant_inputs(node)
     if not inputs:
         return "has no tensor input to quantize"

@@ -103,6 +103,8 @@ def check_patterns(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, st
     otherwise be ignored without a word). Layers inside uncaptured regions count: explain() lists them."""
     ops = [(n.meta["qcast_name"], n.meta["qcast_op"], n.meta.get("qcast_path", "")) for n in gm.graph.nodes
            if n.op in ("call_module", "call_function", "call_method")]
+    from .kernels.attention import decomposed_ops
+    ops += decomposed_ops(gm)  # the ops scaled_dot_product_attention calls become, as explain() names them
     for path in opaque:
         for sub, m in model.get_submodule(path).named_modules():
             if sub:
@@ -139,6 +141,10 @@ def transform(gm: fx.GraphModule, config: QuantConfig, values: list[Any]) -> Non
     passes.fold_bn(gm)
     _debug("fold_bn", gm)
     propagate_shapes(gm, values)
+    from .kernels.attention import decompose_sdpa  # needs shapes (the query's head dim)
+    if decompose_sdpa(gm, config):
+        _debug("decompose_sdpa", gm)
+        propagate_shapes(gm, values)  # for the nodes it created
     if config.equalize:  # rescales weights only: shapes stay valid
         gm.meta["qcast_equalization"] = passes.equalize(gm, config)
         _debug("equalize", gm)

@@ -7,7 +7,6 @@ measured with this protocol (value in the comment; seeds 1 and 2 measured within
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -115,20 +114,31 @@ def test_explain_rows_are_well_formed(name):
     assert rows == qcast.explain(qmodel)  # stable
 
 
-def test_deit_tiny_quantizes_runs_and_reports_linears_int8():
-    """Transformers are known weak (issue 4: int8 matmul/softmax/layer_norm); only the basics are pinned here."""
+def test_deit_tiny_int8_attention_and_fidelity():
+    """Issue 4: linears, both attention matmuls, q*scale and softmax int8; the residual stream (the adds and the
+    class-token cat feeding layer norms), the layer norms on it and GELU stay float, each with its reason."""
     model, qmodel, x = quantize_zoo("deit_tiny")
     with torch.no_grad():
         ref, out = model(x), qmodel(x)
     assert out.shape == ref.shape and out.dtype == torch.float32 and not out.is_quantized
-    assert torch.isfinite(out).all()
     rows = qcast.explain(qmodel)
     linears = [r for r in rows if r.op == "linear"]
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert len(linears) == n_linear == 9  # qkv, proj, fc1, fc2 per block (2 blocks) + head
-    assert all(r.precision == "int8" for r in linears), [r for r in linears if r.precision != "int8"]
+    products = [r for r in rows if r.op in ("linear", "matmul", "bmm")]
+    assert len(products) == 9 + 4  # + q @ k^T and attn @ v per block
+    share = sum(r.precision == "int8" for r in products) / len(products)
+    assert share >= 0.9, [r for r in products if r.precision != "int8"]
     assert any(r.op == "conv2d" and r.precision == "int8" for r in rows)  # the patch embedding
+    for op in ("softmax", "mul"):  # mul: q * self.scale
+        assert [r.precision for r in rows if r.op == op] == ["int8", "int8"], op
     for r in rows:
-        if r.op in ("layer_norm", "softmax", "matmul") and r.precision == "float":
-            assert r.reason
-    assert not math.isnan(leaf_sqnrs(ref, out)[0])
+        if r.op in ("add", "cat"):  # the residual stream
+            assert r.precision == "float" and "residual stream into" in r.reason, r
+        if r.op == "layer_norm":
+            assert r.precision == "float" and "reads the residual stream" in r.reason, r
+        if r.op == "gelu":
+            assert r.precision == "float" and "by measurement" in r.reason, r
+    # 31.6 dB (seed 0; seeds 1, 2: 30.1, 29.6); 6.2 dB with the residual stream int8; 31.5 dB with the matmuls and
+    # softmax in float too; 29.3 dB with PyTorch's int8 GELU
+    assert_sqnr(leaf_sqnrs(ref, out)[0], 28.5, "deit_tiny output")

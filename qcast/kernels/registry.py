@@ -9,13 +9,14 @@ Kinds:
 * ``compute``      the kernel produces a new quantized tensor with its own calibrated output params
 * ``passthrough``  works on the quantized tensor as is (shape ops, max pool, relu...): no requantization
 * ``fixed``        output params are fixed by the op (sigmoid, tanh)
+* ``weight_only``  int8 weights, float input and output (embedding): its value is not an int8 edge
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-KINDS = ("compute", "passthrough", "fixed")
+KINDS = ("compute", "passthrough", "fixed", "weight_only")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,20 @@ def register(*ops: str, backend: str = "torch", kind: str, engines: tuple[str, .
         return impl
 
     return deco
+
+
+_DECLINED: dict[tuple[str, str], str] = {}
+
+
+def decline(op: str, reason: str, backend: str = "torch") -> None:
+    """Record that ``op`` deliberately has no int8 kernel on ``backend``, and why (a measurement): ``explain()``
+    gives this reason instead of the generic one."""
+    _DECLINED[(op, backend)] = reason
+
+
+def declined(op: str, backend: str) -> str | None:
+    _load()
+    return _DECLINED.get((op, backend))
 
 
 def lookup(op: str, backend: str) -> Kernel | None:

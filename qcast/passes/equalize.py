@@ -39,7 +39,11 @@ from ._util import call_sites, finish
 #: what a relu6 (or hardtanh(0, 6)) between A and B does to the pair:
 #: ``"skip"``: the pair is not equalized (the float function is kept exactly);
 #: ``"relu"``: the relu6 becomes a relu and the pair is equalized (AIMET's choice; changes the function wherever the
-#: pre-activation exceeds 6). Chosen by measurement: docs/design.md "Calibration" (benchmarks/equalize.py).
+#: pre-activation exceeds 6).
+#: "skip", by measurement (benchmarks/equalize.py, docs/design.md "Calibration"): on a MobileNetV2 trained on the
+#: digits the clip fires on 0.003% of the values but in 8% of the channels, and relu6 -> relu alone leaves the float
+#: model at 30.7 dB SQNR against the original, so the int8 model falls from 36.8 ("skip") to 30.5 dB; where the
+#: clip never fires (zoo MobileNetV2, random weights) "relu" gains 0.8 dB over "skip" (42.6 vs 41.8 dB).
 RELU6 = "skip"
 RELU6_POLICIES = ("skip", "relu")
 #: a sweep changes no scale by more than this relative amount -> converged

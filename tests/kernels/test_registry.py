@@ -5,14 +5,15 @@ import pytest
 
 from qcast.capture import FUNCTION_OPS, METHOD_OPS, MODULE_OPS
 from qcast.kernels import backends, kernels, lookup
+from qcast.kernels.attention import _PARTS as _SDPA_PARTS
 from qcast.kernels.registry import KINDS
 
 REQUIRED_OPS = ["conv2d", "linear", "add", "mul", "cat", "max_pool", "avg_pool", "adaptive_avg_pool", "flatten",
                 "relu", "hardswish", "sigmoid", "interpolate"]
 
 
-def test_kinds_are_the_documented_three():
-    assert set(KINDS) == {"compute", "passthrough", "fixed"}
+def test_kinds_are_the_documented_four():
+    assert set(KINDS) == {"compute", "passthrough", "fixed", "weight_only"}
 
 
 def test_every_registered_op_has_a_valid_entry():
@@ -20,7 +21,7 @@ def test_every_registered_op_has_a_valid_entry():
     assert entries, "the registry is empty"
     seen = set()
     for k in entries:
-        assert k.kind in ("compute", "passthrough", "fixed"), k
+        assert k.kind in ("compute", "passthrough", "fixed", "weight_only"), k
         assert isinstance(k.op, str) and k.op, k
         assert k.backend in backends(), k
         assert isinstance(k.engines, tuple) and k.engines, f"{k.op}: no engine listed"
@@ -43,8 +44,8 @@ def test_kind_specific_hooks_exist():
         impl = k.impl
         for hook in ("check", "quant_inputs", "kind_of"):
             assert callable(getattr(impl, hook, None)), f"{k.op}: missing {hook}"
-        if k.kind == "compute":
-            assert callable(getattr(impl, "build", None)), f"compute kernel {k.op} has no build()"
+        if k.kind in ("compute", "weight_only"):
+            assert callable(getattr(impl, "build", None)), f"{k.kind} kernel {k.op} has no build()"
         if k.kind == "fixed":
             qp = impl.fixed_qparams
             lo, hi = qp.range
@@ -63,6 +64,7 @@ def test_fixed_output_ranges():
 def test_every_registered_op_name_can_be_produced_by_capture():
     """A kernel registered under a name capture never produces would be dead code in the table."""
     names = set(MODULE_OPS.values()) | set(FUNCTION_OPS.values()) | set(METHOD_OPS.values())
+    names |= {op for _, op in _SDPA_PARTS}  # what scaled_dot_product_attention is decomposed into
     dead = [k.op for k in kernels() if k.op not in names]
     assert not dead, f"registered ops no capture rule maps to: {dead}"
 

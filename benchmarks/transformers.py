@@ -1,0 +1,170 @@
+"""Transformers in int8: latency, output fidelity and size of qcast vs fp32 eager vs PyTorch dynamic int8.
+
+    python benchmarks/transformers.py                          # deit_tiny at batch 1
+    python benchmarks/transformers.py --models deit_tiny,deit_tiny_peaked --batch 1,8 --n 30
+    python benchmarks/transformers.py --skip softmax           # a qcast variant (QuantConfig.skip), e.g. to A/B a kernel
+
+Candidates, timed interleaved in one process (``benchmarks.common.latency_stats_quiet``: round-robin, medians,
+re-timed while other processes keep the CPU busy), on ``QCAST_BENCH_THREADS`` (default 2) threads:
+
+* ``fp32``: the float model in eager mode;
+* ``qcast``: ``qcast.quantize`` (default config, or ``--skip``), static int8, calibrated on ``--calib`` samples;
+* ``dynamic``: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` (int8 weights, activations
+  quantized per call: no calibration), the usual PyTorch recipe for transformers on CPU.
+
+Fidelity: SQNR (dB) of each candidate's output against fp32 on ``--eval-samples`` held-out samples. Sizes:
+``torch.save(state_dict)`` for fp32 and dynamic, the ``qcast.save`` file for qcast.
+
+Models (``MODELS``): a name -> ``Bench`` (a float-model factory and an input function ``(batch, seed) -> args
+tuple``). Add one entry per model; everything else is shared:
+
+* ``deit_tiny``: real DeiT-tiny size (embed 192, depth 12, 3 heads, 224x224, patch 16; ``tests.models.vit``),
+  random weights (timm init: the attention is nearly uniform);
+* ``deit_tiny_peaked``: the same with the query and key weights scaled by 8, so the attention logits span about
+  +-10 and the probabilities are peaked as in a trained model (a stand-in: no weights are downloaded).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Tuple
+
+if __package__ in (None, ""):  # allow `python benchmarks/transformers.py` from anywhere
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (  # noqa: E402  (sets thread env vars before torch is imported)
+    BENCH_THREADS,
+    latency_stats_quiet,
+    machine_info,
+    sqnr,
+    state_dict_bytes,
+)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """One benchmarked model: ``build()`` -> float model in eval mode; ``inputs(batch, seed)`` -> args tuple."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, int], Tuple[Any, ...]]
+    note: str = ""
+
+
+def _image(batch: int, seed: int, size: int = 224) -> Tuple[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 3, size, size, generator=g),)
+
+
+def _deit_tiny(qk_gain: float = 1.0) -> nn.Module:
+    from tests.models.vit import deit_tiny
+
+    torch.manual_seed(0)
+    model = deit_tiny().eval()  # embed 192, depth 12, 3 heads, 224x224, patch 16
+    if qk_gain != 1.0:
+        with torch.no_grad():
+            for blk in model.blocks:
+                d = blk.attn.qkv.out_features // 3
+                blk.attn.qkv.weight[: 2 * d] *= qk_gain  # query and key rows: logits scale by qk_gain^2
+    return model
+
+
+MODELS: Dict[str, Bench] = {
+    "deit_tiny": Bench(_deit_tiny, _image, "DeiT-tiny, random weights"),
+    "deit_tiny_peaked": Bench(lambda: _deit_tiny(8.0), _image, "DeiT-tiny, q/k weights x8 (peaked attention)"),
+}
+
+
+def _calls(bench: Bench, n_samples: int, batch: int, seed0: int) -> List[Tuple[Any, ...]]:
+    return [bench.inputs(batch, seed0 + i) for i in range(max(1, n_samples // batch))]
+
+
+def run_model(name: str, args) -> Dict[str, Any]:
+    import qcast
+
+    bench = MODELS[name]
+    model = bench.build()
+    calib = _calls(bench, args.calib, args.calib_batch, 1000)
+    evals = _calls(bench, args.eval_samples, args.calib_batch, 5000)
+    t0 = time.perf_counter()
+    config = qcast.QuantConfig(skip=args.skip) if args.skip else None
+    qmodel = qcast.quantize(model, [c if len(c) > 1 else c[0] for c in calib], config=config, progress=False)
+    quantize_s = time.perf_counter() - t0
+    dynamic = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    rows = qcast.explain(qmodel)
+    mm = [r for r in rows if r.op in ("linear", "matmul", "bmm")]
+    out: Dict[str, Any] = {"model": name, "note": bench.note, "quantize_s": quantize_s, "skip": list(args.skip),
+                           "int8_linear_matmul": f"{sum(r.precision == 'int8' for r in mm)}/{len(mm)}"}
+    with torch.no_grad():
+        refs = [model(*x) for x in evals]
+        out["sqnr"] = {"qcast": sqnr(refs, [qmodel(*x) for x in evals]),
+                       "dynamic": sqnr(refs, [dynamic(*x) for x in evals])}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.qcast")
+        qcast.save(qmodel, path)
+        out["size_mb"] = {"fp32": state_dict_bytes(model) / 1e6, "qcast": os.path.getsize(path) / 1e6,
+                          "dynamic": state_dict_bytes(dynamic) / 1e6}
+    out["latency_ms"] = {}
+    for b in args.batch:
+        (x,) = [bench.inputs(b, 9000)]
+        fns = {"fp32": lambda: model(*x), "qcast": lambda: qmodel(*x), "dynamic": lambda: dynamic(*x)}
+        stats = latency_stats_quiet(fns, n=args.n, warmup=args.warmup, wait_s=args.wait,
+                                    log=lambda s: print(s, file=sys.stderr))
+        out["latency_ms"][b] = {k: {"median": v["median"], "p10": v["p10"], "p90": v["p90"]} for k, v in stats.items()}
+        out.setdefault("foreign_load", {})[b] = next(iter(stats.values()))["foreign_load"]
+    return out
+
+
+def render(results: List[Dict[str, Any]]) -> str:
+    m = machine_info()
+    lines = [f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, {m['threads']} threads, torch {m['torch']}", "",
+             "| model | batch | fp32 ms | qcast ms | dynamic ms | qcast vs fp32 | SQNR qcast dB | SQNR dynamic dB "
+             "| MB fp32 / qcast / dynamic | linear+matmul int8 | other load (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for b, lat in r["latency_ms"].items():
+            f, q, d = (lat[k]["median"] for k in ("fp32", "qcast", "dynamic"))
+            s = r["size_mb"]
+            lines.append(f"| {r['model']}{' skip=' + ','.join(r['skip']) if r['skip'] else ''} | {b} | {f:.1f} | "
+                         f"{q:.1f} | {d:.1f} | {f / q:.2f}x | {r['sqnr']['qcast']:.1f} | {r['sqnr']['dynamic']:.1f} | "
+                         f"{s['fp32']:.1f} / {s['qcast']:.1f} / {s['dynamic']:.1f} | {r['int8_linear_matmul']} | "
+                         f"{r['foreign_load'][b]:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="deit_tiny", help=f"comma-separated, from {sorted(MODELS)}")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes to time")
+    p.add_argument("--calib", type=int, default=16, help="calibration samples")
+    p.add_argument("--calib-batch", type=int, default=2)
+    p.add_argument("--eval-samples", type=int, default=8)
+    p.add_argument("--n", type=int, default=30, help="timed rounds (medians)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a quiet machine before timing")
+    p.add_argument("--skip", default="", help="comma-separated QuantConfig.skip patterns for the qcast candidate")
+    p.add_argument("--out", default="", help="write the JSON results here")
+    args = p.parse_args(argv)
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.skip = [s for s in args.skip.split(",") if s]
+    names = [n for n in args.models.split(",") if n]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
+    results = [run_model(n, args) for n in names]
+    print(render(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine_info(), "threads": BENCH_THREADS, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
