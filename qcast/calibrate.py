@@ -81,6 +81,9 @@ def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None,
     bar = _progress(total, progress)
     seen = 0
     hooks = _collect_input_means(observed) if observed.qcast_config.bias_correction else []
+    from .adaround import collect_inputs
+    hooks += collect_inputs(observed)  # rounding="adaround": each layer's input rows (none otherwise)
+    observed.qcast_progress = progress  # convert() runs AdaRound with the same progress setting
     try:
         with torch.no_grad():
             for i, (args, kwargs) in enumerate(iter_calls(calibration_data, input_fn, num_batches)):

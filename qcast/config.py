@@ -19,8 +19,9 @@ ESTIMATORS = ("minmax", "ema", "percentile", "mse", "kl")
 WEIGHT_SCHEMES = ("int8",)
 ACTIVATION_SCHEMES = ("int8", "float")
 ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
+ROUNDINGS = ("nearest", "adaround")
 # keys a per_layer override may set
-OVERRIDE_KEYS = ("activation", "calibration", "engine")
+OVERRIDE_KEYS = ("activation", "calibration", "engine", "weight_bits", "rounding")
 
 
 def _freeze_overrides(per_layer: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
@@ -43,6 +44,12 @@ class QuantConfig:
     Attributes:
         skip: module-path globs or op names kept in float (e.g. ``["head.*", "softmax"]``).
         weight: weight scheme; ``"int8"`` = per-channel symmetric int8.
+        weight_bits: 2..8 (default 8): weights on a per-channel symmetric grid ``[-(2^(b-1)-1), 2^(b-1)-1]`` with
+            scale ``max|w| / (2^(b-1)-1)``, stored in int8, so every kernel still runs int8.
+        rounding: how weights are rounded onto that grid: ``"nearest"`` or ``"adaround"`` (learned up/down
+            rounding minimising each layer's output error on the calibration data, ``qcast.adaround``; costs
+            seconds to minutes). Default ``"nearest"``: measured in docs/design.md.
+        adaround_iters: optimisation steps per layer for ``rounding="adaround"``.
         activation: activation scheme; ``"int8"`` (static, calibrated) or ``"float"``.
         calibration: range estimator for activations: ``minmax``, ``ema``, ``percentile``, ``mse``,
             ``kl`` (entropy calibration).
@@ -62,6 +69,9 @@ class QuantConfig:
 
     skip: tuple[str, ...] = ()
     weight: str = "int8"
+    weight_bits: int = 8
+    rounding: str = "nearest"
+    adaround_iters: int = 1000
     activation: str = "int8"
     calibration: str = "mse"
     percentile: float = 99.99
@@ -81,10 +91,18 @@ class QuantConfig:
         self._check("activation", self.activation, ACTIVATION_SCHEMES)
         self._check("calibration", self.calibration, ESTIMATORS)
         self._check("engine", self.engine, ENGINES)
+        self._check("rounding", self.rounding, ROUNDINGS)
+        self._check_bits("weight_bits", self.weight_bits)
+        if isinstance(self.adaround_iters, bool) or not isinstance(self.adaround_iters, int) or self.adaround_iters < 1:
+            raise ConfigError(f"QuantConfig.adaround_iters must be a positive integer, got {self.adaround_iters!r}")
         for glob, over in self.per_layer.items():
             for key, allowed in (("activation", ACTIVATION_SCHEMES), ("calibration", ESTIMATORS), ("engine", ENGINES)):
                 if key in over:
                     self._check(f"per_layer[{glob!r}].{key}", over[key], allowed)
+            if "rounding" in over:
+                self._check(f"per_layer[{glob!r}].rounding", over["rounding"], ROUNDINGS)
+            if "weight_bits" in over:
+                self._check_bits(f"per_layer[{glob!r}].weight_bits", over["weight_bits"])
         if not isinstance(self.bias_correction, bool):
             raise ConfigError(f"QuantConfig.bias_correction must be true or false, got {self.bias_correction!r}")
         if not isinstance(self.equalize, bool):
@@ -103,6 +121,12 @@ class QuantConfig:
     def _check(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
             raise ConfigError(f"QuantConfig.{name}={value!r} is not one of {list(allowed)}")
+
+    @staticmethod
+    def _check_bits(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+            raise ConfigError(f"QuantConfig.{name}={value!r} must be an integer from 2 to 8 (weights are stored in "
+                              "int8; 8 is the default)")
 
     # -- matching -----------------------------------------------------------------------------------
     @staticmethod

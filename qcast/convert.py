@@ -40,14 +40,21 @@ def to_qdq(observed) -> fx.GraphModule:
                 f"bias_correction needs each int8 conv/linear's input mean, collected by qcast.calibrate(); none for "
                 f"{unseen[:5]}. Calibrate with qcast.calibrate(observed, data) (not by calling the observed model "
                 "directly), or use QuantConfig(bias_correction=False).")
+    from .adaround import layer_settings, qmax_of, rounded_weights
+    settings = layer_settings(observed.gm, observed.qcast_config)  # module path -> (weight_bits, rounding)
+    learned, report = rounded_weights(observed)  # rounding="adaround": learned weights (cached), else {}
     gm = copy.deepcopy(observed.gm)
     for node in gm.graph.nodes:
         if "qcast_observes" in node.meta:
             obs = gm.get_submodule(node.target)
             setattr(gm, node.target, QDQ(obs.qparams(), obs.name))
+    if report is not None:
+        gm.meta["qcast_adaround"] = report
     for target, conv in int8_layers(gm).items():  # once per module, however many call sites it has
         w = conv.weight.detach().clone()
-        conv.weight.data = fake_quant_weight(w)
+        qmax = qmax_of(settings[target][0])
+        conv.weight.data = learned[target].clone() if target in learned else fake_quant_weight(w, qmax)
+        conv.qcast_weight_qmax = qmax  # the grid the int8 kernel stores this weight on (QConv.from_float)
         if correct:
             # E[W_q x + b'] = E[W x + b]  =>  b' = b - E[(W_q - W) x]
             shift = bias_shift(conv, w, conv.weight.detach(), stats[target])
@@ -223,4 +230,6 @@ def convert(observed, backend: str = "torch") -> QuantizedModel:
     }
     if "qcast_equalization" in observed.gm.meta:  # QuantConfig(equalize=True): how many pairs, scale range
         meta["equalization"] = observed.gm.meta["qcast_equalization"].summary()
+    if "qcast_adaround" in qdq.meta:  # rounding="adaround": per-layer output error, nearest vs learned (JSON rows)
+        meta["adaround"] = qdq.meta["qcast_adaround"].to_list()
     return QuantizedModel(gm, records(qdq, observed.qcast_opaque), meta)

@@ -436,18 +436,20 @@ def bias_shift(layer: nn.Module, w: torch.Tensor, w_q: torch.Tensor, stats: Chan
 # ------------------------------------------------------------------------------------------------
 # weights
 # ------------------------------------------------------------------------------------------------
-def weight_scales(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 scales (max |w| / 127)."""
+def weight_scales(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """Per-output-channel symmetric scales (max |w| / qmax; ``qmax = 2^(bits-1) - 1``, 127 for 8-bit weights)."""
     amax = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1).float()
-    return (amax / 127.0).clamp_min(1e-12)
+    return (amax / float(qmax)).clamp_min(1e-12)
 
 
-def quantize_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-channel symmetric qint8 tensor of ``w`` (axis 0)."""
-    scales = weight_scales(w)
+def quantize_weight(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """Per-channel symmetric qint8 tensor of ``w`` (axis 0), ints in ``[-qmax, qmax]`` (fewer-bit weights are stored
+    in int8, so every kernel still runs int8). ``w`` already on such a grid (a fake-quantized or AdaRound weight,
+    whose max |w| is ``qmax`` steps) comes back exactly."""
+    scales = weight_scales(w, qmax)
     zps = torch.zeros(w.shape[0], dtype=torch.long)
     return torch.quantize_per_channel(w.detach().float(), scales.float(), zps, 0, torch.qint8)
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    return quantize_weight(w).dequantize()
+def fake_quant_weight(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    return quantize_weight(w, qmax).dequantize()

@@ -75,7 +75,8 @@ class QConv(KernelModule):
     def from_float(cls, mod: nn.Module, out_scale: float, out_zero_point: int, engine: str):
         conv, act, add = _split(mod)
         kind = "linear" if isinstance(conv, nn.Linear) else ("conv1d" if isinstance(conv, nn.Conv1d) else "conv2d")
-        wq = quantize_weight(conv.weight)
+        # a fewer-bit weight of the QDQ graph is already on its grid; to_qdq marks the grid's largest int on the layer
+        wq = quantize_weight(conv.weight, getattr(conv, "qcast_weight_qmax", 127))
         kw = {} if kind == "linear" else dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                                               groups=conv.groups)
         clamp6 = act == "relu6" and out_scale * (255 - out_zero_point) > 6.0 + out_scale
