@@ -17,7 +17,7 @@ from .errors import ConfigError
 
 ESTIMATORS = ("minmax", "ema", "percentile", "mse", "kl")
 WEIGHT_SCHEMES = ("int8",)
-ACTIVATION_SCHEMES = ("int8", "float")
+ACTIVATION_SCHEMES = ("auto", "int8", "float", "dynamic")
 ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
 ROUNDINGS = ("nearest", "adaround")
 # keys a per_layer override may set
@@ -50,7 +50,9 @@ class QuantConfig:
             rounding minimising each layer's output error on the calibration data, ``qcast.adaround``; costs
             seconds to minutes). Default ``"nearest"``: measured in docs/design.md.
         adaround_iters: optimisation steps per layer for ``rounding="adaround"``.
-        activation: activation scheme; ``"int8"`` (static, calibrated) or ``"float"``.
+        activation: activation scheme: ``"auto"`` (default: static calibrated int8, except linear layers on token
+            sequences, inputs of 3+ dims, which quantize per token at run time), ``"int8"`` (static everywhere),
+            ``"dynamic"`` (every linear per token, ``qcast/kernels/dynamic.py``; other ops static) or ``"float"``.
         calibration: range estimator for activations: ``minmax``, ``ema``, ``percentile``, ``mse``,
             ``kl`` (entropy calibration).
         percentile: the percentile used by the ``percentile`` estimator.
@@ -72,7 +74,7 @@ class QuantConfig:
     weight_bits: int = 8
     rounding: str = "nearest"
     adaround_iters: int = 1000
-    activation: str = "int8"
+    activation: str = "auto"
     calibration: str = "mse"
     percentile: float = 99.99
     engine: str = "auto"

@@ -80,7 +80,8 @@ class QMatmul(KernelModule):
 @register("matmul", "bmm", kind="compute", engines=("native",),
           notes="two int8 activations (per-tensor params each), product requantized to calibrated output params")
 class MatmulKernel(KernelImpl):
-    needs_int8_input = True
+    # a GEMM is worth quantizing its float inputs for (e.g. q/k/v from per-token dynamic linears, which output float)
+    needs_int8_input = False
 
     @staticmethod
     def check(node, ctx):

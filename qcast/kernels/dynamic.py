@@ -1,0 +1,116 @@
+"""Per-token dynamic int8 linear: ``QuantConfig(activation="dynamic")`` (globally or per layer).
+
+Each row of the input (a token, for a transformer) gets its own symmetric int8 scale, computed at run time from that
+row's max |x|; weights are per-output-channel symmetric int8, quantized once at convert. The product runs as an
+s8 x s8 -> s32 GEMM (``torch._int_mm``) and is rescaled by ``scale_row * scale_channel``. Nothing is calibrated for
+the input, so a token whose values are 10x larger than the rest (BERT's outlier tokens) costs only its own row's
+resolution, and the op needs no observer: it is a ``weight_only`` entry (float in, float out) whose explain() row says
+what it does. Only ops with a registered ``<op>:dynamic`` kernel run this way; every other op keeps its static kernel.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..nn import FusedConv
+from ..observers import weight_scales
+from .base import KernelImpl, KernelModule, kernel_module
+from .registry import register
+
+_ACTS = {"": None, "relu": torch.relu, "relu6": lambda y: y.clamp_(0.0, 6.0)}
+
+
+@kernel_module
+class QLinearDynamic(KernelModule):
+    """``y = (round(x / s_row) @ W_q^T) * s_row * s_w + b``, int8 operands, int32 accumulation (``torch._int_mm``)."""
+
+    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 act: str = ""):
+        super().__init__()
+        if act not in _ACTS:
+            raise ValueError(f"unknown fused activation {act!r}")
+        self.act = act
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8.to(torch.int8).contiguous())
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self._wt = self.weight_int8.t().contiguous()  # K x N, what _int_mm reads
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act: str = "", qmax: int = 127) -> "QLinearDynamic":
+        w = linear.weight.detach().float()
+        scale = weight_scales(w, qmax)
+        w_int = torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+        return cls(w_int, scale, linear.bias, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        s = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+        xi = torch.round(x2 / s).clamp_(-127, 127).to(torch.int8)
+        y = torch._int_mm(xi, self._wt).float().mul_(s * self.weight_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        act = _ACTS[self.act]
+        if act is not None:
+            y = act(y)
+        return y.reshape(*lead, self.out_features)
+
+    def spec(self):
+        tensors = {"weight_int8": self.weight_int8, "weight_scale": self.weight_scale}
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        return {"act": self.act}, tensors
+
+    def __deepcopy__(self, memo):
+        config, tensors = self.spec()
+        return type(self).from_spec(config, {k: v.clone() for k, v in tensors.items()})
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, per-token dynamic int8"
+                + (f", fused {self.act}" if self.act else ""))
+
+
+def _linear_and_act(node: fx.Node, ctx) -> tuple[nn.Linear, str] | str:
+    if node.op != "call_module":
+        return "a functional F.linear has no per-token dynamic kernel (an nn.Linear module has)"
+    mod = ctx.module(node)
+    act = ""
+    if isinstance(mod, FusedConv):
+        if mod.add:
+            return "a linear with a fused residual add has no per-token dynamic kernel"
+        act, mod = mod.act or "", mod.conv
+    if type(mod) is not nn.Linear:
+        return f"{type(mod).__name__} is not an nn.Linear"
+    if act not in _ACTS:
+        return f"a linear fused with {act} has no per-token dynamic kernel"
+    return mod, act
+
+
+@register("linear:dynamic", kind="weight_only", engines=("native",),
+          notes="QuantConfig(activation='dynamic'): per-token int8 activations scaled at run time, per-channel s8 "
+                "weights, torch._int_mm (s32 accumulate); float in and out")
+class LinearDynamicKernel(KernelImpl):
+    @staticmethod
+    def check(node, ctx):
+        got = _linear_and_act(node, ctx)
+        if isinstance(got, str):
+            return got
+        meta = ctx.meta(node.args[0]) if node.args else None
+        if meta is None or not meta.is_float:
+            return "its input is not a floating-point tensor"
+        return None
+
+    @staticmethod
+    def quant_inputs(node):
+        return []  # scaled per token at run time: nothing to calibrate
+
+    @staticmethod
+    def note(node, ctx):
+        return "per-token dynamic int8 activations (torch._int_mm, int32 accumulate)"
+
+    @staticmethod
+    def build(node, ctx):
+        linear, act = _linear_and_act(node, ctx)
+        return QLinearDynamic.from_float(linear, act), (node.args[0],)

@@ -1,0 +1,82 @@
+"""Per-token dynamic int8 linear (qcast/kernels/dynamic.py): QuantConfig(activation="dynamic")."""
+import pytest
+import torch
+import torch.nn as nn
+
+import qcast
+from qcast.errors import ConfigError
+from qcast.kernels.dynamic import QLinearDynamic
+from tests.helpers import sqnr
+
+
+def _tokens_with_outlier_rows(n=64, dim=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, dim, generator=g)
+    x[:, ::16] *= 30.0  # a few tokens 30x larger than the rest (BERT's [SEP]-like outlier tokens)
+    return x
+
+
+class MLP(nn.Module):
+    def __init__(self, dim=48):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_kernel_matches_float_linear_per_token():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 96)
+    x = _tokens_with_outlier_rows()
+    q = QLinearDynamic.from_float(lin)
+    out, ref = q(x), lin(x)
+    assert out.shape == ref.shape
+    # every token keeps its own resolution: the small tokens are as accurate as the large ones
+    small = [i for i in range(x.shape[1]) if i % 16]
+    assert sqnr(ref[:, small], out[:, small]) > 35 and sqnr(ref, out) > 35
+
+
+def test_dynamic_beats_static_on_outlier_tokens_and_explains_itself():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    calib = [_tokens_with_outlier_rows(seed=i) for i in range(4)]
+    x = _tokens_with_outlier_rows(seed=9)
+    static = qcast.quantize(model, calib, config=qcast.QuantConfig(activation="int8"), progress=False)
+    dynamic = qcast.quantize(model, calib, config=qcast.QuantConfig(activation="dynamic"), progress=False)
+    with torch.no_grad():
+        ref = model(x)
+        s_static, s_dynamic = sqnr(ref, static(x)), sqnr(ref, dynamic(x))
+    assert s_dynamic > s_static + 6, (s_static, s_dynamic)
+    rows = {r.name: r for r in qcast.explain(dynamic)}
+    assert rows["fc1"].precision == "int8" and "per-token dynamic" in rows["fc1"].reason
+    assert rows["fc1"].reason.endswith("fused relu")  # relu runs inside the dynamic kernel
+
+
+def test_per_layer_dynamic_and_save_load(tmp_path):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    calib = [_tokens_with_outlier_rows(seed=i) for i in range(2)]
+    cfg = qcast.QuantConfig(activation="int8", per_layer={"fc2": {"activation": "dynamic"}})
+    q = qcast.quantize(model, calib, config=cfg, progress=False)
+    rows = {r.name: r for r in qcast.explain(q)}
+    assert "per-token dynamic" in rows["fc2"].reason and "per-token dynamic" not in rows["fc1"].reason
+    qcast.save(q, tmp_path / "m.qcast")
+    x = _tokens_with_outlier_rows(seed=5)
+    assert torch.equal(q(x), qcast.load(tmp_path / "m.qcast")(x))
+
+
+def test_auto_is_per_token_on_token_sequences_only():
+    """The default activation="auto": a linear on (batch, tokens, features) is per-token dynamic, on (batch,
+    features) it stays static int8."""
+    torch.manual_seed(0)
+    model = MLP().eval()
+    seq = qcast.quantize(model, [_tokens_with_outlier_rows(seed=0)], progress=False)
+    flat = qcast.quantize(model, [_tokens_with_outlier_rows(seed=0)[0]], progress=False)
+    assert all("per-token dynamic" in r.reason for r in qcast.explain(seq))
+    assert not any("per-token dynamic" in r.reason for r in qcast.explain(flat))
+
+
+def test_unknown_activation_scheme_is_a_config_error():
+    with pytest.raises(ConfigError, match="activation"):
+        qcast.QuantConfig(activation="per_token")
