@@ -1,12 +1,14 @@
 """Per-token dynamic int8 linear: ``QuantConfig(activation="dynamic")`` (globally or per layer).
 
-Each row of the input (a token, for a transformer) gets its own int8 scale, computed at run time from that row's
-max |x|; weights are per-output-channel symmetric int8, quantized once at convert. Kernel, chosen by measurement
+Each row of the input (a token, for a transformer) gets its own 8-bit range, computed at run time from that row's
+[min, max]; weights are per-output-channel symmetric int8, quantized once at convert. Kernel, chosen by measurement
 (one 1024 x 384 -> 1536 linear, interleaved; ``torch._int_mm`` with an explicit quantize and rescale took 2-3x longer
-than this, which has the fewest passes over the data): each row is divided by its max |x| (so every row spans
-[-1, 1]), fbgemm's dynamic int8 linear (``quantized::linear_dynamic``: it quantizes its input over that common
-range, 8 bits, and accumulates in int32) runs the GEMM, and the output rows are multiplied back by their max |x|
-with the bias added in the same pass (``addcmul``). Same result as quantizing each row by itself. Nothing is calibrated for
+than this, which has the fewest passes over the data): each row is mapped affinely onto exactly [-1, 1], fbgemm's
+dynamic int8 linear (``quantized::linear_dynamic``: it quantizes its input over that common range, 8 bits, and
+accumulates in int32) runs the GEMM, and the output rows are mapped back (``h * y + c * rowsum(W) + b``, two fused
+passes). Every row spans the same range, so the result is that of quantizing each row by itself: a token's output
+does not depend on what else is in the batch (padding included). A symmetric variant (rows divided by max |x|) let
+fbgemm's common range depend on the batch and moved a padded sentence's embedding (cosine 0.9974 to itself unpadded). Nothing is calibrated for
 the input, so a token whose values are 10x larger than the rest (BERT's outlier tokens) costs only its own row's
 resolution, and the op needs no observer: it is a ``weight_only`` entry (float in, float out) whose explain() row says
 what it does. Only ops with a registered ``<op>:dynamic`` kernel run this way; every other op keeps its static kernel.
@@ -28,8 +30,9 @@ _ACTS = {"": None, "relu": torch.relu, "relu6": lambda y: y.clamp_(0.0, 6.0)}
 
 @kernel_module
 class QLinearDynamic(KernelModule):
-    """``y = s_row * linear_dynamic(x / s_row, W_q) + b`` with ``s_row = max|x_row|``: per-token 8-bit activations,
-    per-channel s8 weights, int32 accumulation (fbgemm)."""
+    """``y = h * linear_dynamic((x - c) / h, W_q) + c * rowsum(W_q) + b`` with ``c, h`` the centre and half-width of
+    each row's [min, max]: per-token asymmetric 8-bit activations (every row spans the GEMM's [-1, 1] range, so rows
+    never affect each other), per-channel s8 weights, int32 accumulation (fbgemm)."""
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                  act: str = ""):
@@ -45,6 +48,8 @@ class QLinearDynamic(KernelModule):
                                        torch.zeros(self.out_features, dtype=torch.long), 0, torch.qint8)
         with engine_scope("fbgemm"):
             self._packed = torch.ops.quantized.linear_prepack(w, None)
+        self._wsum = (self.weight_int8.float().sum(1) * self.weight_scale)  # rowsum of the dequantized int8 weight
+        self._bias = self.bias if self.bias is not None else torch.zeros(self.out_features)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, act: str = "", qmax: int = 127) -> "QLinearDynamic":
@@ -57,9 +62,11 @@ class QLinearDynamic(KernelModule):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
         lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
-        s = torch.maximum(hi, -lo).clamp_min_(1e-12)
-        y = torch.ops.quantized.linear_dynamic(x2 / s, self._packed, False)
-        y = torch.addcmul(self.bias, y, s) if self.bias is not None else y.mul_(s)
+        half = ((hi - lo) * 0.5).clamp_min_(1e-12)  # each row mapped onto exactly [-1, 1]: x = c + h * x'
+        mid = (hi + lo) * 0.5
+        y = torch.ops.quantized.linear_dynamic(torch.addcmul(-mid / half, x2, 1.0 / half), self._packed, False)
+        # W x + b = h * (W x') + c * rowsum(W) + b, with W the int8 weight the GEMM used
+        y = torch.addcmul(torch.addr(self._bias, mid.view(-1), self._wsum), y, half)
         act = _ACTS[self.act]
         if act is not None:
             y = act(y)
