@@ -19,7 +19,7 @@ ESTIMATORS = ("minmax", "ema", "percentile", "mse", "kl")
 WEIGHT_SCHEMES = ("int8",)
 ACTIVATION_SCHEMES = ("auto", "int8", "float", "dynamic")
 ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
-ROUNDINGS = ("nearest", "adaround")
+ROUNDINGS = ("auto", "nearest", "adaround")
 # keys a per_layer override may set
 OVERRIDE_KEYS = ("activation", "calibration", "engine", "weight_bits", "rounding")
 
@@ -46,10 +46,11 @@ class QuantConfig:
         weight: weight scheme; ``"int8"`` = per-channel symmetric int8.
         weight_bits: 2..8 (default 8): weights on a per-channel symmetric grid ``[-(2^(b-1)-1), 2^(b-1)-1]`` with
             scale ``max|w| / (2^(b-1)-1)``, stored in int8, so every kernel still runs int8.
-        rounding: how weights are rounded onto that grid: ``"nearest"`` or ``"adaround"`` (learned up/down
+        rounding: how weights are rounded onto that grid: ``"nearest"``, ``"adaround"`` (learned up/down
             rounding minimising each layer's output error on the calibration data, ``qcast.adaround``; costs
-            seconds to minutes). Default ``"nearest"``: measured in docs/design.md.
-        adaround_iters: optimisation steps per layer for ``rounding="adaround"``.
+            seconds to minutes) or ``"auto"`` (default): AdaRound for layers with ``weight_bits < 8``, nearest at
+            8 bits, where it gains less and costs the same (measured in docs/design.md).
+        adaround_iters: optimisation steps per layer for AdaRound.
         activation: activation scheme: ``"auto"`` (default: static calibrated int8, except linear layers on token
             sequences, inputs of 3+ dims, which quantize per token at run time), ``"int8"`` (static everywhere),
             ``"dynamic"`` (every linear per token, ``qcast/kernels/dynamic.py``; other ops static) or ``"float"``.
@@ -72,7 +73,7 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     weight: str = "int8"
     weight_bits: int = 8
-    rounding: str = "nearest"
+    rounding: str = "auto"
     adaround_iters: int = 1000
     activation: str = "auto"
     calibration: str = "mse"

@@ -138,6 +138,18 @@ def test_int8_model_matches_the_qdq_simulation_at_4_bits():
     assert sqnr(sim, real) > 50.0
 
 
+def test_auto_rounding_is_adaround_below_8_bits_only():
+    observed, auto4 = _convert(weight_bits=4, rounding="auto")
+    _, ada4 = _convert(weight_bits=4, rounding="adaround")
+    _, _, x_te = _digits()
+    with torch.no_grad():
+        assert torch.equal(auto4(x_te), ada4(x_te))
+    _, q = _convert(weight_bits=4, rounding="auto", per_layer={"fc": {"weight_bits": 8}})
+    assert [r["layer"] for r in q.qcast_meta["adaround"]] == ["features.0", "features.3", "features.6"]
+    _, auto8 = _convert(weight_bits=8, rounding="auto")
+    assert "adaround" not in auto8.qcast_meta
+
+
 def test_per_layer_weight_bits_override():
     observed, q = _convert(weight_bits=4, rounding="nearest", per_layer={"fc": {"weight_bits": 8}})
     mods = _kernels(q)
@@ -184,7 +196,7 @@ def test_learned_weights_are_cached_until_calibration_adds_data():
 # ------------------------------------------------------------------------------------------------
 def test_default_is_8_bit_nearest_and_collects_nothing():
     c = QuantConfig()
-    assert (c.weight_bits, c.rounding) == (8, "nearest")
+    assert (c.weight_bits, c.rounding) == (8, "auto")  # auto: nearest at 8 bits
     model, calib, x_te = _digits()
     observed = qcast.prepare(model, calib[0])
     qcast.calibrate(observed, calib[:2], progress=False)
@@ -240,7 +252,7 @@ def test_adaround_weight_reduces_a_layer_error_at_2_bits():
     (dict(weight_bits=9), "weight_bits=9"),
     (dict(weight_bits=4.0), "weight_bits=4.0"),
     (dict(weight_bits=True), "weight_bits=True"),
-    (dict(rounding="stochastic"), r"rounding='stochastic' is not one of \['nearest', 'adaround'\]"),
+    (dict(rounding="stochastic"), r"rounding='stochastic' is not one of \['auto', 'nearest', 'adaround'\]"),
     (dict(adaround_iters=0), "adaround_iters must be a positive integer"),
     (dict(per_layer={"fc": {"weight_bits": 16}}), r"per_layer\['fc'\].weight_bits=16"),
     (dict(per_layer={"fc": {"rounding": "up"}}), r"per_layer\['fc'\].rounding='up'"),
@@ -262,5 +274,5 @@ def test_adaround_without_sampled_inputs_is_a_clear_error():
     observed = qcast.prepare(model, calib[0])  # nearest at calibration: no rows were sampled
     qcast.calibrate(observed, calib[:1], progress=False)
     observed.qcast_config = observed.qcast_config.replace(rounding="adaround")
-    with pytest.raises(qcast.NotCalibratedError, match="rounding='adaround' needs each layer's inputs"):
+    with pytest.raises(qcast.NotCalibratedError, match=r"AdaRound \(rounding='adaround'.*needs each layer's inputs"):
         qcast.convert(observed)
