@@ -426,3 +426,39 @@ def machine_info() -> Dict[str, str]:
         "threads": str(BENCH_THREADS),
         "torch": torch.__version__,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# docs/benchmarks.md is shared by several scripts: each owns one marked section
+# ------------------------------------------------------------------------------------------------
+def _section_re(name: str):
+    import re
+
+    return re.compile(rf"<!-- section:{re.escape(name)} -->.*?<!-- /section:{re.escape(name)} -->\n?", re.S)
+
+
+def sections_of(path: str) -> str:
+    """The marked sections (``<!-- section:NAME -->`` ... ``<!-- /section:NAME -->``) of an existing page, in order."""
+    import re
+
+    if not os.path.exists(path):
+        return ""
+    text = open(path).read()
+    return "".join(m.group(0) for m in re.finditer(r"<!-- section:(\S+) -->.*?<!-- /section:\1 -->\n?", text, re.S))
+
+
+def write_page(path: str, md: str) -> None:
+    """Write the page body ``md`` to ``path``, keeping the sections other scripts wrote there."""
+    kept = sections_of(path)
+    with open(path, "w") as f:
+        f.write(md.rstrip("\n") + "\n" + ("\n" + kept if kept else ""))
+
+
+def write_section(path: str, name: str, md: str) -> None:
+    """Replace (or append) section ``name`` of the page at ``path`` with ``md``."""
+    block = f"<!-- section:{name} -->\n{md.rstrip()}\n<!-- /section:{name} -->\n"
+    text = open(path).read() if os.path.exists(path) else ""
+    pattern = _section_re(name)
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
+    with open(path, "w") as f:
+        f.write(text)

@@ -48,6 +48,7 @@ from benchmarks.common import (  # noqa: E402  (sets thread env vars before torc
     file_size_mb,
     BUSY_CORES,
     latency_stats_quiet,
+    write_page,
     machine_info,
     make_input,
     sqnr,
@@ -464,8 +465,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.render) as f:
             saved = json.load(f)
         md = render_markdown(saved["results"], saved["meta"])
-        with open(args.out, "w") as f:
-            f.write(md + "\n")
+        write_page(args.out, md)  # keeps the sections other scripts own (bench_transformers.py)
         log(f"re-rendered {args.out} from {args.render}")
         return 0
     args.batches = [int(b) for b in args.batch.split(",") if b.strip()]
@@ -517,8 +517,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(md)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(md + "\n")
+        write_page(args.out, md)  # keeps the sections other scripts own (bench_transformers.py)
         json_path = args.json or os.path.splitext(args.out)[0] + ".json"
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
