@@ -185,6 +185,19 @@ class HistogramObserver(Observer):
         width = (self.h_hi - self.h_lo) / self.bins
         return self.h_lo + (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
 
+    def clip_range(self):
+        """``_search()``'s range, computed once per amount of data seen (searches cost up to ~0.1 s, and the
+        calibration summary and convert both ask)."""
+        cached = getattr(self, "_clip_cache", None)
+        if cached is not None and cached[0] == self.batches:
+            return cached[1]
+        result = self._search()
+        self._clip_cache = (self.batches, result)
+        return result
+
+    def _search(self) -> tuple[float, float]:
+        return self.min_val, self.max_val
+
 
 @register_estimator("percentile")
 class PercentileObserver(HistogramObserver):
@@ -203,15 +216,6 @@ class PercentileObserver(HistogramObserver):
 @register_estimator("mse")
 class MSEObserver(HistogramObserver):
     """Searches clip ranges [a*lo, b*hi] and keeps the one with least expected squared error."""
-
-    def clip_range(self):
-        # computed once per amount of data seen (the calibration summary and convert both ask)
-        cached = getattr(self, "_clip_cache", None)
-        if cached is not None and cached[0] == self.batches:
-            return cached[1]
-        result = self._search()
-        self._clip_cache = (self.batches, result)
-        return result
 
     def _search(self) -> tuple[float, float]:
         """Expected squared error of every candidate ``[a, b]`` at once, from prefix sums over the histogram:
@@ -259,15 +263,6 @@ class KLObserver(HistogramObserver):
     bins = 2 * BINS
     candidates = 256
     MIN_SAMPLES = 512
-
-    def clip_range(self):
-        # the search costs ~0.1 s: computed once per amount of data seen (the summary and convert both ask)
-        cached = getattr(self, "_clip_cache", None)
-        if cached is not None and cached[0] == self.batches:
-            return cached[1]
-        result = self._search()
-        self._clip_cache = (self.batches, result)
-        return result
 
     def _search(self) -> tuple[float, float]:
         lo, hi = min(self.min_val, 0.0), max(self.max_val, 0.0)
