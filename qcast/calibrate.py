@@ -68,6 +68,21 @@ def _collect_input_means(observed) -> list:
     return hooks
 
 
+def _call(observed, i: int, args: tuple, kwargs: dict) -> None:
+    """Run calibration batch ``i``; errors name the batch."""
+    where = f"calibration batch {i}"
+    check_finite(args, kwargs, where)
+    try:
+        observed(*args, **kwargs)
+    except QcastError as e:
+        raise type(e)(f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise InputError(
+            f"{where} {describe(args, kwargs)} does not fit the model: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. Calibration items are called as "
+            "model(t), model(*tuple) or model(**dict); use input_fn= to pick the inputs out of a batch.") from e
+
+
 def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None, num_batches: int | None = None,
               progress: bool = True, total: int | None = None) -> CalibrationSummary:
     """Run ``calibration_data`` through ``observed`` (from ``prepare``); returns and stores a summary."""
@@ -78,6 +93,12 @@ def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None,
     total = total or num_batches
     if total is None and hasattr(calibration_data, "__len__") and not isinstance(calibration_data, (torch.Tensor, dict)):
         total = len(calibration_data)
+    from .smooth import migrate, unresolved
+    if unresolved(observed):  # QuantConfig(smoothquant=...): a first pass over the data picks the scales
+        calls = list(iter_calls(calibration_data, input_fn, num_batches))  # materialized: the data is run twice
+        migrate(observed, calls, lambda i, a, k: _call(observed, i, a, k), progress)
+        calibration_data, input_fn, num_batches = [k or a for a, k in calls], None, None
+        total = total or len(calls)
     bar = _progress(total, progress)
     seen = 0
     hooks = _collect_input_means(observed) if observed.qcast_config.bias_correction else []
@@ -87,17 +108,7 @@ def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None,
     try:
         with torch.no_grad():
             for i, (args, kwargs) in enumerate(iter_calls(calibration_data, input_fn, num_batches)):
-                where = f"calibration batch {i}"
-                check_finite(args, kwargs, where)
-                try:
-                    observed(*args, **kwargs)
-                except QcastError as e:
-                    raise type(e)(f"{where}: {e}") from None
-                except Exception as e:  # noqa: BLE001
-                    raise InputError(
-                        f"{where} {describe(args, kwargs)} does not fit the model: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}. Calibration items are called as "
-                        "model(t), model(*tuple) or model(**dict); use input_fn= to pick the inputs out of a batch.") from e
+                _call(observed, i, args, kwargs)
                 seen += 1
                 if bar is not None:
                     bar.update(1)

@@ -21,7 +21,7 @@ ACTIVATION_SCHEMES = ("auto", "int8", "float", "dynamic")
 ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
 ROUNDINGS = ("auto", "nearest", "adaround")
 # keys a per_layer override may set
-OVERRIDE_KEYS = ("activation", "calibration", "engine", "weight_bits", "rounding")
+OVERRIDE_KEYS = ("activation", "calibration", "engine", "weight_bits", "rounding", "smoothquant")
 
 
 def _freeze_overrides(per_layer: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
@@ -68,6 +68,12 @@ class QuantConfig:
             float function; relu6 pairs are left alone. Default off, by measurement (docs/design.md): per-channel
             weights leave it little to fix on real weights (-1.0..+0.5 dB); it restores models whose activation
             ranges differ wildly by channel (10.8 -> 42.8 dB on a MobileNetV2 built that way).
+        smoothquant: SmoothQuant (``qcast.smooth``): each int8 linear whose input has outlier channels gets its
+            input divided per channel by ``s = max|X|^alpha / max|W|^(1-alpha)`` (a float multiply before it) and
+            its weight columns multiplied by ``s``; the scales are chosen by ``calibrate()``. A migration strength
+            ``alpha`` in (0, 1) (every linear), ``"auto"`` (default: ``qcast.smooth.AUTO_ALPHA`` on linears on token
+            sequences, inputs of 3+ dims; CNN classifier heads are left alone) or None/False (off). Chosen by
+            measurement, docs/design.md.
     """
 
     skip: tuple[str, ...] = ()
@@ -83,6 +89,7 @@ class QuantConfig:
     backend: str = "torch"
     bias_correction: bool = True
     equalize: bool = False
+    smoothquant: float | str | None = "auto"
 
     def __post_init__(self):
         if isinstance(self.skip, str):
@@ -106,12 +113,15 @@ class QuantConfig:
                 self._check(f"per_layer[{glob!r}].rounding", over["rounding"], ROUNDINGS)
             if "weight_bits" in over:
                 self._check_bits(f"per_layer[{glob!r}].weight_bits", over["weight_bits"])
+            if "smoothquant" in over:
+                self._check_alpha(f"per_layer[{glob!r}].smoothquant", over["smoothquant"])
         if not isinstance(self.bias_correction, bool):
             raise ConfigError(f"QuantConfig.bias_correction must be true or false, got {self.bias_correction!r}")
         if not isinstance(self.equalize, bool):
             raise ConfigError(f"QuantConfig.equalize must be true or false, got {self.equalize!r}")
         if not (50.0 < float(self.percentile) <= 100.0):
             raise ConfigError(f"QuantConfig.percentile must be in (50, 100], got {self.percentile}")
+        object.__setattr__(self, "smoothquant", self._check_alpha("smoothquant", self.smoothquant))
 
     def __hash__(self) -> int:
         # the generated dataclass hash would hash the per_layer mappingproxy (unhashable). __eq__ compares
@@ -130,6 +140,19 @@ class QuantConfig:
         if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
             raise ConfigError(f"QuantConfig.{name}={value!r} must be an integer from 2 to 8 (weights are stored in "
                               "int8; 8 is the default)")
+
+    @staticmethod
+    def _check_alpha(name: str, value: Any) -> float | str | None:
+        """A SmoothQuant alpha in (0, 1) as a float, ``"auto"``, or None (off; False is accepted for off)."""
+        if value is None or value is False:
+            return None
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+            raise ConfigError(f"QuantConfig.{name}={value!r} must be a migration strength alpha in (0, 1) (e.g. 0.5: "
+                              "docs/design.md), 'auto' (token-sequence linears only) or None/False to turn SmoothQuant "
+                              "off")
+        return float(value)
 
     # -- matching -----------------------------------------------------------------------------------
     @staticmethod

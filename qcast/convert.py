@@ -31,6 +31,14 @@ def to_qdq(observed) -> fx.GraphModule:
             f"{len(missing)} observer(s) saw no data: {shown}. Run qcast.calibrate(observed, data) with "
             "representative inputs before qcast.convert(); layers your data never reaches can be kept in float "
             "with QuantConfig(skip=[...]).")
+    from .smooth import unresolved
+    pending = unresolved(observed)
+    if pending:
+        raise NotCalibratedError(
+            f"smoothquant: the scales of {len(pending)} linear(s) ({', '.join(m.layer for _, m in pending[:3])}"
+            f"{', ...' if len(pending) > 3 else ''}) are chosen by qcast.calibrate(), which was not run. Calibrate with "
+            "qcast.calibrate(observed, data) (not by calling the observed model directly), or use "
+            "QuantConfig(smoothquant=None).")
     correct = observed.qcast_config.bias_correction
     stats = getattr(observed, "qcast_input_stats", {})
     if correct:
@@ -230,6 +238,8 @@ def convert(observed, backend: str = "torch") -> QuantizedModel:
     }
     if "qcast_equalization" in observed.gm.meta:  # QuantConfig(equalize=True): how many pairs, scale range
         meta["equalization"] = observed.gm.meta["qcast_equalization"].summary()
+    if "qcast_smoothquant" in observed.gm.meta:  # QuantConfig(smoothquant=alpha): layers smoothed / left alone
+        meta["smoothquant"] = observed.gm.meta["qcast_smoothquant"].summary()
     if "qcast_adaround" in qdq.meta:  # rounding="adaround": per-layer output error, nearest vs learned (JSON rows)
         meta["adaround"] = qdq.meta["qcast_adaround"].to_list()
     return QuantizedModel(gm, records(qdq, observed.qcast_opaque), meta)

@@ -14,6 +14,7 @@ Weights are quantized per output channel, symmetric int8 (``quantize_weight``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -80,6 +81,8 @@ class Observer(nn.Module):
 
     estimator = "minmax"
     qcast_leaf = True
+    #: class-wide switch: while True every observer passes tensors through without recording (``observers_bypassed``)
+    bypass = False
 
     def __init__(self, name: str = "", qmax: int = 255, percentile: float = 99.99):
         super().__init__()
@@ -91,6 +94,8 @@ class Observer(nn.Module):
         self.max_val = -math.inf
 
     def forward(self, x):
+        if Observer.bypass:
+            return x
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
             x_d = x.detach()
             lo, hi = torch.aminmax(x_d)
@@ -125,6 +130,17 @@ class Observer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.estimator}, name={self.name!r}, batches={self.batches}, range=[{self.min_val:.4g}, {self.max_val:.4g}]"
+
+
+@contextlib.contextmanager
+def observers_bypassed():
+    """Run the observed model with every observer as a plain identity (SmoothQuant's first calibration pass records
+    its own statistics; the observers must see only the smoothed tensors of the second pass)."""
+    previous, Observer.bypass = Observer.bypass, True
+    try:
+        yield
+    finally:
+        Observer.bypass = previous
 
 
 @register_estimator("minmax")

@@ -132,7 +132,8 @@ def check_patterns(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, st
 
 
 def transform(gm: fx.GraphModule, config: QuantConfig, values: list[Any]) -> None:
-    """The graph passes, in place: fold constants, fold BN, equalize (``config.equalize``), then fuse. Fusing a residual
+    """The graph passes, in place: fold constants, fold BN, equalize (``config.equalize``), fuse, then SmoothQuant's
+    ``Smooth`` nodes (``config.smoothquant``; identities until calibration picks their scales). Fusing a residual
     add depends on shapes, so shapes are propagated (``node.meta['qcast_val']``) before ``equalize`` / ``fuse`` and again
     after it for the nodes it creates. The equalization summary goes to ``gm.meta['qcast_equalization']``.
     ``compare`` runs this too, so its float graph has the same op names as the quantized one."""
@@ -150,6 +151,9 @@ def transform(gm: fx.GraphModule, config: QuantConfig, values: list[Any]) -> Non
         _debug("equalize", gm)
     passes.fuse(gm, config)
     _debug("fuse", gm)
+    from .passes.smooth import smooth  # QuantConfig(smoothquant=...): Smooth before int8 linears (qcast/smooth.py)
+    if smooth(gm, config):
+        _debug("smooth", gm)
     propagate_shapes(gm, values)
 
 

@@ -32,6 +32,7 @@ from .errors import FormatError
 from .kernels.base import KERNEL_MODULES, KernelModule
 from .nn import FusedBatchNorm, FusedConv
 from .quantized import OpInfo, QuantizedModel
+from .smooth import Smooth
 
 FORMAT = "qcast"
 VERSION = 2
@@ -171,6 +172,11 @@ def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> d
         return {"kind": "fused", "act": m.act, "add": m.add, "conv": inner}
     if isinstance(m, FusedBatchNorm):
         return {"kind": "fused_bn", "bn": _module_spec(path + ".bn", m.bn, tensors)}
+    if isinstance(m, Smooth):  # SmoothQuant's float per-channel multiply before an int8 linear
+        config, ts = m.spec()
+        for k, t in ts.items():
+            tensors[f"{path}::{k}"] = t
+        return {"kind": "smooth", "config": _enc(config, path), "tensors": sorted(ts)}
     if _is_torch_module(m):
         kw = _init_kwargs(m)
         if kw is not None:
@@ -199,6 +205,8 @@ def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None)
         return FusedConv(_build_module(path + ".conv", spec["conv"], tensors, model), act=spec["act"], add=spec["add"])
     if kind == "fused_bn":
         return FusedBatchNorm(_build_module(path + ".bn", spec["bn"], tensors, model))
+    if kind == "smooth":
+        return Smooth.from_spec(_dec(spec["config"], {}), {k: tensors[f"{path}::{k}"] for k in spec["tensors"]})
     if kind == "torch":
         mod_name, _, qual = spec["class"].partition(":")
         if not mod_name.startswith("torch.nn."):

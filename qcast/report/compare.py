@@ -219,6 +219,8 @@ def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batche
     config = QuantConfig.from_dict(qmodel.qcast_meta.get("config", {}))
     calls = list(iter_calls(inputs, None, num_batches))
     fgm, bind = _float_graph(model, *calls[0], config)
+    from ..smooth import mirror
+    mirror(fgm, qmodel.graph_module)  # SmoothQuant: the float graph gets the int8 model's per-channel scales
     records = {r.name: r for r in qmodel.qcast_records}
     qgm = qmodel.graph_module
     qnodes = {n.meta.get("qcast_name"): n for n in qgm.graph.nodes if n.meta.get("qcast_name")}
