@@ -56,3 +56,12 @@ class KernelModule(nn.Module):
     @classmethod
     def from_spec(cls, config: dict, tensors: dict):
         return cls(**config, **tensors)
+
+
+class PackedKernelModule(KernelModule):
+    """A kernel module holding packed weights (an opaque object ``deepcopy`` cannot copy): a copy is rebuilt from
+    ``spec()``, which repacks them."""
+
+    def __deepcopy__(self, memo):
+        config, tensors = self.spec()
+        return type(self).from_spec(config, {k: v.clone() for k, v in tensors.items()})

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..nn import FusedConv
 from ..observers import quantize_weight
-from .base import KernelImpl, KernelModule, kernel_module
+from .base import KernelImpl, PackedKernelModule, kernel_module
 from .engines import REDUCE_RANGE, auto_order, engine_scope
 from .registry import register
 
@@ -46,7 +46,7 @@ def _bytes(q: torch.Tensor) -> torch.Tensor:
 
 
 @kernel_module
-class QConv(KernelModule):
+class QConv(PackedKernelModule):
     """Int8 conv/linear: quint8 activations, per-channel qint8 weights, float bias, fused post-ops."""
 
     def __init__(self, kind, weight_int8, weight_scales, bias=None, stride=(1,), padding=(0,), dilation=(1,),
@@ -163,10 +163,6 @@ class QConv(KernelModule):
         if self.bias is not None:
             tensors["bias"] = self.bias
         return config, tensors
-
-    def __deepcopy__(self, memo):
-        config, tensors = self.spec()
-        return type(self).from_spec(config, {k: v.clone() for k, v in tensors.items()})
 
     def extra_repr(self):
         post = "+".join(p for p in (("add" if self.add else ""), self.act or "") if p)

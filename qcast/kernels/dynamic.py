@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..nn import FusedConv
 from ..observers import weight_scales
-from .base import KernelImpl, KernelModule, kernel_module
+from .base import KernelImpl, PackedKernelModule, kernel_module
 from .engines import engine_scope
 from .registry import register
 
@@ -29,7 +29,7 @@ _ACTS = {"": None, "relu": torch.relu, "relu6": lambda y: y.clamp_(0.0, 6.0)}
 
 
 @kernel_module
-class QLinearDynamic(KernelModule):
+class QLinearDynamic(PackedKernelModule):
     """``y = h * linear_dynamic((x - c) / h, W_q) + c * rowsum(W_q) + b`` with ``c, h`` the centre and half-width of
     each row's [min, max]: per-token asymmetric 8-bit activations (every row spans the GEMM's [-1, 1] range, so rows
     never affect each other), per-channel s8 weights, int32 accumulation (fbgemm)."""
@@ -80,10 +80,6 @@ class QLinearDynamic(KernelModule):
         if self.bias is not None:
             tensors["bias"] = self.bias
         return {"act": self.act}, tensors
-
-    def __deepcopy__(self, memo):
-        config, tensors = self.spec()
-        return type(self).from_spec(config, {k: v.clone() for k, v in tensors.items()})
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, per-token dynamic int8"

@@ -10,7 +10,7 @@ import torch.fx as fx
 from ..capture import attr_at
 from ..nn import add_relu
 from ..observers import QParams, qparams_from_range
-from .base import KernelImpl, KernelModule, kernel_module
+from .base import KernelImpl, KernelModule, PackedKernelModule, kernel_module
 from .registry import register
 
 _BINARY_FNS = {"add": torch.ops.quantized.add, "add_relu": torch.ops.quantized.add_relu, "mul": torch.ops.quantized.mul}
@@ -63,7 +63,7 @@ class QBinary(KernelModule):
 
 
 @kernel_module
-class QBinaryConst(KernelModule):
+class QBinaryConst(PackedKernelModule):
     """quantized::add / add_relu / mul of a quantized activation and a constant tensor (a parameter or buffer,
     e.g. a (1, C, 1, 1) scale), requantized to calibrated output params.
 
@@ -101,10 +101,6 @@ class QBinaryConst(KernelModule):
         return (dict(fn=self.fn, out_scale=self.out_scale, out_zero_point=self.out_zero_point,
                      const_scale=self.const_scale, const_zero_point=self.const_zero_point),
                 {"const_uint8": self.const_uint8})
-
-    def __deepcopy__(self, memo):
-        config, tensors = self.spec()
-        return type(self).from_spec(config, {k: v.clone() for k, v in tensors.items()})
 
     def extra_repr(self):
         return (f"{self.fn}, const={tuple(self.const_uint8.shape)} (scale={self.const_scale:.4g}, "

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture import attr_at
-from .base import KernelImpl, KernelModule, input_meta, kernel_module
+from .base import KernelImpl, KernelModule, PackedKernelModule, input_meta, kernel_module
 from .elementwise import QScalar
 from .registry import decline, register
 
@@ -244,7 +244,7 @@ def embedding_qparams(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @kernel_module
-class QEmbedding(KernelModule):
+class QEmbedding(PackedKernelModule):
     """``quantized::embedding_byte``: rows stored as uint8 with a float scale and zero point each (8-bit row-wise,
     4x smaller than fp32), looked up and dequantized to a float output.
 
@@ -274,10 +274,6 @@ class QEmbedding(KernelModule):
 
     def spec(self):
         return {}, {"weight_uint8": self.weight_uint8, "scales": self.scales, "zero_points": self.zero_points}
-
-    def __deepcopy__(self, memo):
-        _, tensors = self.spec()
-        return type(self).from_spec({}, {k: v.clone() for k, v in tensors.items()})
 
     def extra_repr(self):
         return f"{tuple(self.weight_uint8.shape)}, 8-bit rows"
