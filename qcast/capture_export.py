@@ -27,6 +27,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .capture import attr_at
+
 aten = torch.ops.aten
 
 #: ATen op -> the callable qcast's op tables and kernels know (same argument order)
@@ -91,7 +93,7 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict, names: list[str], 
     # constants export lifted out of the code (not parameters/buffers of the model) move onto the root
     for n in graph.nodes:
         if n.op == "get_attr" and not _has_attr(model, n.target):
-            _set_attr(model, n.target, _get_attr(exported, n.target))
+            _set_attr(model, n.target, attr_at(exported, n.target))
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(exported, attr):
@@ -100,16 +102,9 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict, names: list[str], 
     return gm
 
 
-def _get_attr(root: nn.Module, target: str) -> Any:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _has_attr(root: nn.Module, target: str) -> bool:
     try:
-        _get_attr(root, target)
+        attr_at(root, target)
         return True
     except AttributeError:
         return False

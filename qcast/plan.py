@@ -10,6 +10,7 @@ from .capture import TensorMeta
 from .config import QuantConfig
 from .kernels import Kernel, lookup
 from .kernels.registry import declined
+from .kernels.base import input_meta
 from .kernels.engines import available
 
 HIDDEN_OPS = {"getitem", "size", "dim", "contiguous"}
@@ -113,7 +114,7 @@ def _wants_dynamic(node, ctx: Ctx) -> bool:
     setting = ctx.setting(node, "activation")
     if setting == "dynamic":
         return True
-    meta = ctx.meta(node.args[0]) if setting == "auto" and node.args else None
+    meta = input_meta(node, ctx) if setting == "auto" else None
     return meta is not None and len(meta.shape) >= 3
 
 
