@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .capture import attr_at
 from .errors import FormatError
+from .kernels import backends
 from .kernels.base import KERNEL_MODULES, KernelModule
 from .nn import FusedBatchNorm, FusedConv
 from .quantized import OpInfo, QuantizedModel
@@ -196,6 +197,7 @@ def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> d
 def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None) -> nn.Module:
     kind = spec["kind"]
     if kind == "kernel":
+        backends()  # the kernel classes register when their backend modules are imported
         cls = KERNEL_MODULES.get(spec["class"])
         if cls is None:
             raise FormatError(f"{path}: unknown int8 kernel {spec['class']!r} (saved by a newer qcast?)")

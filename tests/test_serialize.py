@@ -187,3 +187,46 @@ def test_round_trip_keeps_a_bias_created_by_bias_correction(tmp_path):
     with torch.no_grad():
         assert torch.equal(q(x), q2(x))
     assert qcast.QuantConfig.from_dict(q2.qcast_meta["config"]).bias_correction is True
+
+
+class _TinyEncoder(torch.nn.Module):
+    """Token embedding, per-token dynamic linears, int8 attention matmuls and softmax: the transformer kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.out = torch.nn.Linear(16, 16)
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.emb(ids)).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)
+        return self.out(att @ v)
+
+
+def test_a_fresh_process_loads_transformer_kernels(tmp_path):
+    """load() must not depend on quantize() having imported the kernel modules first (it once raised
+    'unknown int8 kernel QEmbedding' in a new process)."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    m = _TinyEncoder().eval()
+    ids = [torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    q = qcast.quantize(m, ids, progress=False)
+    kinds = {type(mod).__name__ for mod in q.modules()}
+    assert {"QEmbedding", "QLinearDynamic"} <= kinds, kinds
+    path, x = tmp_path / "t.qcast", ids[0]
+    qcast.save(q, path)
+    with torch.no_grad():
+        torch.save(q(x), tmp_path / "ref.pt")
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch, qcast\n"
+            f"q = qcast.load({str(path)!r})\n"
+            f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+            f"ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+            "with torch.no_grad():\n"
+            "    assert torch.equal(q(x), ref)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
