@@ -306,18 +306,58 @@ def _pytree_io(gm: fx.GraphModule) -> dict | None:
         raise FormatError(f"cannot save the model's input/output structure: {e}") from None
 
 
+def _import_pytree_types(io: dict) -> None:
+    """Import the modules that define the saved input/output types (e.g. ``transformers.modeling_outputs``, which
+    registers ``BaseModelOutput...`` with pytree when imported), for installed packages only."""
+    import importlib.util
+
+    names: set[str] = set()
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if isinstance(obj.get("type"), str):
+                names.add(obj["type"])
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    for key in ("in_spec", "out_spec"):
+        if io.get(key):
+            try:
+                walk(json.loads(io[key]))
+            except ValueError:
+                pass
+    for name in names:
+        module = name.rpartition(".")[0]
+        if not module or importlib.util.find_spec(module.partition(".")[0]) is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - reported by the caller's retry
+            pass
+
+
 def _restore_pytree_io(gm: fx.GraphModule, io: dict | None, path: str) -> None:
     import torch.utils._pytree as pytree
     from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
     if not io:
         return
+    def specs():
+        return (pytree.treespec_loads(io["in_spec"]),
+                pytree.treespec_loads(io["out_spec"]) if io.get("out_spec") else None)
+
     try:
-        in_spec = pytree.treespec_loads(io["in_spec"])
-        out_spec = pytree.treespec_loads(io["out_spec"]) if io.get("out_spec") else None
-    except Exception as e:  # noqa: BLE001 - e.g. the output class's package is not imported
-        raise FormatError(f"{path}: the model's output structure cannot be rebuilt ({e}); import the package that "
-                          "defines the output type (e.g. `import transformers`) before qcast.load") from None
+        in_spec, out_spec = specs()
+    except Exception:  # noqa: BLE001 - e.g. the module defining the output class is not imported yet
+        _import_pytree_types(io)
+        try:
+            in_spec, out_spec = specs()
+        except Exception as e:  # noqa: BLE001
+            raise FormatError(f"{path}: the model's output structure cannot be rebuilt ({e}); install and import "
+                              "the package that defines the output type before qcast.load") from None
     gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(list(io["orig_args"]), in_spec, out_spec))
     gm._in_spec, gm._out_spec = in_spec, out_spec
     gm.recompile()

@@ -19,6 +19,7 @@ probabilities and the output like any other op, named ``<sdpa call>.scores`` / `
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 
@@ -38,6 +39,30 @@ def _name(n: fx.Node) -> str:
 # -------------------------------------------------------------------------------------------------
 # matmul / bmm of two activations
 # -------------------------------------------------------------------------------------------------
+def _centred(q: torch.Tensor) -> torch.Tensor:
+    """The integers ``q_int - zero_point`` of a per-tensor quantized tensor, in fp32 to within a rounding of the
+    scale (bf16, or any conversion to nearest, gives the integers exactly). ``dequantize() * (1 / scale)`` is
+    ~6x faster than ``int_repr().float() - zero_point`` (measured: int_repr is not vectorized for quint8)."""
+    return q.dequantize().mul_(1.0 / q.q_scale())
+
+
+@contextlib.contextmanager
+def exact_int_matmul():
+    """Let oneDNN run fp32 matmuls on bf16 units (fp32 accumulation) while inside: only for operands that are
+    integers of magnitude <= 256, which bf16 holds exactly, so the products are unchanged (an s8/u8 GEMM's
+    integer sums, exact below 2^24). The process-wide setting is restored on exit."""
+    prec = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    old = getattr(prec, "fp32_precision", None)
+    if old is None:  # a PyTorch without the setting: plain fp32, still exact
+        yield
+        return
+    prec.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        prec.fp32_precision = old
+
+
 @kernel_module
 class QMatmul(KernelModule):
     """Product of two quantized tensors (``torch.matmul`` broadcasting), requantized to calibrated output params.
@@ -67,8 +92,12 @@ class QMatmul(KernelModule):
         self.out_scale, self.out_zero_point = float(out_scale), int(out_zero_point)
 
     def forward(self, a, b):
-        y = torch.matmul(a.dequantize(), b.dequantize())
-        return torch.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.quint8)
+        # integer operands (q - zp, |value| <= 255) are exact in bf16, so the GEMM may run on bf16 units with fp32
+        # accumulation and still give the exact integer sums (below 2^24) that an s8/u8 kernel would
+        with exact_int_matmul():
+            y = torch.matmul(_centred(a), _centred(b))
+        return torch.quantize_per_tensor(y.mul_(a.q_scale() * b.q_scale()), self.out_scale, self.out_zero_point,
+                                         torch.quint8)
 
     def spec(self):
         return dict(out_scale=self.out_scale, out_zero_point=self.out_zero_point), {}
@@ -174,15 +203,21 @@ class SoftmaxKernel(KernelImpl):
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                   inplace: bool = False) -> torch.Tensor:
     """``softmax(scores + mask, -1)`` as ``F.scaled_dot_product_attention`` applies its mask: a float mask is added,
-    a bool mask keeps the True positions (``-inf`` elsewhere), ``causal`` keeps keys ``<= `` the query's position."""
+    a bool mask keeps the True positions (``-inf`` elsewhere), ``causal`` keeps keys ``<= `` the query's position.
+    ``inplace``: ``scores`` is a temporary that may be overwritten."""
     if causal:
         L, S = scores.shape[-2:]
         keep = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     elif mask is not None:
-        scores = scores.masked_fill(mask.logical_not(), float("-inf")) if mask.dtype == torch.bool else scores + mask
+        if mask.dtype == torch.bool:  # an additive mask is ~10x cheaper than masked_fill on the larger scores
+            mask = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
+                mask.logical_not(), float("-inf"))
+        scores = scores.add_(mask) if inplace and torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape \
+            else scores + mask
     return torch.softmax(scores, dim=-1)
 
 
@@ -197,7 +232,7 @@ class QMaskedSoftmax(KernelModule):
         self.causal, self.out_scale, self.out_zero_point = bool(causal), float(out_scale), int(out_zero_point)
 
     def forward(self, scores, mask=None):
-        y = masked_softmax(scores.dequantize(), mask, self.causal)
+        y = masked_softmax(scores.dequantize(), mask, self.causal, inplace=True)
         return torch.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.quint8)
 
     def spec(self):

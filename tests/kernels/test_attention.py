@@ -348,3 +348,27 @@ def test_layer_norm_after_a_linear_is_int8_and_round_trips(tmp_path):
         assert torch.equal(loaded(r.x), r.qmodel(r.x))
     ln = next(m for m in loaded.modules() if isinstance(m, QLayerNorm))
     assert torch.equal(ln.weight, r.model.ln_w) and torch.equal(ln.bias, r.model.ln_b)
+
+
+@pytest.mark.parametrize("shape_a,shape_b", [((3, 4, 9, 32), (3, 4, 32, 9)), ((2, 197, 64), (2, 64, 197)),
+                                             ((8, 12, 128, 128), (8, 12, 128, 32))])
+def test_qmatmul_gives_the_exact_integer_products_and_restores_the_matmul_precision(shape_a, shape_b):
+    """QMatmul runs the GEMM on bf16 units (oneDNN fp32_precision='bf16') on the centred integers: it must equal
+    the float64 product of the dequantized operands, requantized, except for values on a rounding tie."""
+    from qcast.kernels.attention import exact_int_matmul
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.quantize_per_tensor(torch.randn(shape_a, generator=g) * 2, 0.021, 131, torch.quint8)
+    b = torch.quantize_per_tensor(torch.rand(shape_b, generator=g), 1 / 255, 0, torch.quint8)  # probabilities
+    ints = torch.matmul((a.int_repr().double() - 131), b.int_repr().double())
+    assert ints.abs().max() < 2 ** 24  # every integer sum is representable in fp32
+    out_scale, out_zp = 0.013, 127
+    want = torch.clamp(torch.round(ints * (a.q_scale() * b.q_scale()) / out_scale) + out_zp, 0, 255)
+    before = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+    got = QMatmul(out_scale, out_zp)(a, b).int_repr().double()
+    assert getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None) == before
+    assert (got - want).abs().max() <= 1  # a tie may round either way after the fp32 rescale
+    assert (got != want).double().mean() < 1e-3
+    with exact_int_matmul():  # the centred integers multiply exactly under the bf16 setting
+        exact = torch.matmul(a.int_repr().float() - 131, b.int_repr().float())
+    assert torch.equal(exact.double(), ints)
