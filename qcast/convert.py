@@ -14,6 +14,7 @@ from .nn import FusedConv
 from .observers import Observer, bias_shift, fake_quant_weight
 from .plan import Ctx, is_int8
 from .quantized import QDQ, OpInfo, QuantizedModel
+from .smooth import Smooth
 
 VERSION = 1
 
@@ -179,6 +180,8 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
                 root[n.target] = attr_at(qdq, n.target)
             new.meta.update({k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
             env_f[n] = new
+    for n in [n for n in graph.nodes if n.op == "call_module" and not n.users and isinstance(root[n.target], Smooth)]:
+        graph.erase_node(n)  # a SmoothQuant multiply its per-token kernel applies itself (LinearDynamicKernel.build)
     for n in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
         graph.erase_node(n)  # a constant only int8 kernels read: they hold it quantized (BinaryKernel), drop the float copy
     graph.lint()

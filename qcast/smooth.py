@@ -289,6 +289,9 @@ def mirror(float_gm: fx.GraphModule, quantized_gm: nn.Module) -> int:
     float input of each smoothed linear is then the tensor its int8 kernel quantizes (compare's isolated SQNR).
     Returns how many were mirrored."""
     scales = {m.target: m.inv_s for m in quantized_gm.modules() if isinstance(m, Smooth)}
+    # a per-token dynamic kernel applies its linear's scales itself (kernels/dynamic.py): it sits at the linear's path
+    scales.update({path: m.input_scale for path, m in quantized_gm.named_modules()
+                   if getattr(m, "input_scale", None) is not None and path not in scales})
     count = 0
     with torch.no_grad():
         for _, sm in smooth_nodes(float_gm):

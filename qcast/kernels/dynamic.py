@@ -3,9 +3,11 @@
 Each row of the input (a token, for a transformer) gets its own 8-bit range, computed at run time from that row's
 [min, max]; weights are per-output-channel symmetric int8, quantized once at convert. Kernel, chosen by measurement
 (one 1024 x 384 -> 1536 linear, interleaved; ``torch._int_mm`` with an explicit quantize and rescale took 2-3x longer
-than this, which has the fewest passes over the data): each row is mapped affinely onto exactly [-1, 1], fbgemm's
-dynamic int8 linear (``quantized::linear_dynamic``: it quantizes its input over that common range, 8 bits, and
-accumulates in int32) runs the GEMM, and the output rows are mapped back (``h * y + c * rowsum(W) + b``, two fused
+than this, which has the fewest passes over the data): each row is mapped affinely onto exactly [-1, 1], fbgemm
+quantizes the input over that common range with the 8-bit params its dynamic linear would choose for it
+(``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` with scale 2/255 and zero point 128, given
+explicitly: bit-identical to ``quantized::linear_dynamic`` without its min/max pass), accumulates in int32 and
+writes fp32, and the output rows are mapped back (``h * y + c * rowsum(W) + b``, two fused
 passes). Every row spans the same range, so the result is that of quantizing each row by itself: a token's output
 does not depend on what else is in the batch (padding included). A symmetric variant (rows divided by max |x|) let
 fbgemm's common range depend on the batch and moved a padded sentence's embedding (cosine 0.9974 to itself unpadded). Nothing is calibrated for
@@ -21,10 +23,13 @@ import torch.nn as nn
 
 from ..nn import FusedConv
 from ..observers import weight_scales
+from ..smooth import Smooth
 from .base import KernelImpl, PackedKernelModule, kernel_module
 from .engines import engine_scope
 from .registry import register
 
+_GEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32  # float in, u8 x s8 -> s32, float out
+_UNIT_SCALE, _UNIT_ZERO_POINT = 2.0 / 255.0, 128  # fbgemm's choose_qparams for [-1, 1], 8 bits
 _ACTS = {"": None, "relu": torch.relu, "relu6": lambda y: y.clamp_(0.0, 6.0)}
 
 
@@ -35,7 +40,7 @@ class QLinearDynamic(PackedKernelModule):
     never affect each other), per-channel s8 weights, int32 accumulation (fbgemm)."""
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 act: str = ""):
+                 act: str = "", input_scale: torch.Tensor | None = None):
         super().__init__()
         if act not in _ACTS:
             raise ValueError(f"unknown fused activation {act!r}")
@@ -44,6 +49,9 @@ class QLinearDynamic(PackedKernelModule):
         self.register_buffer("weight_int8", weight_int8.to(torch.int8).contiguous())
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+        # SmoothQuant's per-channel 1/s (qcast.smooth.Smooth), applied here instead of by a separate module: the
+        # product is then a temporary the row mapping may overwrite (measured: ~0.3 ms less per 1024-token linear)
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float())
         w = torch.quantize_per_channel(self.weight_int8.float() * self.weight_scale[:, None], self.weight_scale,
                                        torch.zeros(self.out_features, dtype=torch.long), 0, torch.qint8)
         with engine_scope("fbgemm"):
@@ -60,12 +68,19 @@ class QLinearDynamic(PackedKernelModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
+        owned = self.input_scale is not None
+        if owned:
+            x2 = x2 * self.input_scale
         # amax + amin, not aminmax(dim=1): 0.14 vs 3.5 ms on 1024 x 1536 (one thread); likewise sub + mul_ and the
         # in-place epilogue below beat addcmul / addr + addcmul by 2-4x (measured, torch 2.13)
         hi, lo = x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True)
         half = ((hi - lo) * 0.5).clamp_min_(1e-12)  # each row mapped onto exactly [-1, 1]: x = c + h * x'
         mid = (hi + lo) * 0.5
-        y = torch.ops.quantized.linear_dynamic((x2 - mid).mul_(half.reciprocal()), self._packed, False)
+        unit = (x2.sub_(mid) if owned else x2 - mid).mul_(half.reciprocal())
+        # every row now spans exactly [-1, 1]: quantize it with the 8-bit params fbgemm's dynamic linear would pick
+        # for that range (scale 2/255, zero point 128; bit-identical to quantized::linear_dynamic, measured), given
+        # explicitly so fbgemm skips its own min/max pass over the input
+        y = _GEMM(unit, _UNIT_SCALE, _UNIT_ZERO_POINT, self._packed)
         # W x + b = h * (W x') + c * rowsum(W) + b, with W the int8 weight the GEMM used
         y.mul_(half).addr_(mid.view(-1), self._wsum)
         if self.bias is not None:
@@ -79,11 +94,17 @@ class QLinearDynamic(PackedKernelModule):
         tensors = {"weight_int8": self.weight_int8, "weight_scale": self.weight_scale}
         if self.bias is not None:
             tensors["bias"] = self.bias
+        if self.input_scale is not None:
+            tensors["input_scale"] = self.input_scale
         return {"act": self.act}, tensors
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, per-token dynamic int8"
-                + (f", fused {self.act}" if self.act else ""))
+                + (f", fused {self.act}" if self.act else "") + (", SmoothQuant scales" if self.owned_smooth else ""))
+
+    @property
+    def owned_smooth(self) -> bool:
+        return self.input_scale is not None
 
 
 def _linear_and_act(node: fx.Node, ctx) -> tuple[nn.Linear, str] | str:
@@ -127,4 +148,11 @@ class LinearDynamicKernel(KernelImpl):
     @staticmethod
     def build(node, ctx):
         linear, act = _linear_and_act(node, ctx)
-        return QLinearDynamic.from_float(linear, act), (node.args[0],)
+        q = QLinearDynamic.from_float(linear, act)
+        x = node.args[0]
+        smooth = ctx.modules.get(x.target) if isinstance(x, fx.Node) and x.op == "call_module" else None
+        if isinstance(smooth, Smooth) and len(x.users) == 1 and smooth.inv_s.numel() == linear.in_features:
+            # its only consumer: the kernel applies 1/s itself (the float Smooth node is then dropped by convert)
+            q.register_buffer("input_scale", smooth.inv_s.detach().float().clone())
+            x = x.args[0]
+        return q, (x,)

@@ -80,3 +80,19 @@ def test_auto_is_per_token_on_token_sequences_only():
 def test_unknown_activation_scheme_is_a_config_error():
     with pytest.raises(ConfigError, match="activation"):
         qcast.QuantConfig(activation="per_token")
+
+
+def test_smoothquant_scales_inside_the_kernel_equal_a_separate_multiply():
+    """A Smooth before a per-token linear is folded into it at convert (``input_scale``): the same numbers as
+    multiplying first, and the caller's tensor is left untouched although the kernel works in place."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 10)
+    inv_s = torch.rand(24) + 0.25
+    plain = QLinearDynamic.from_float(lin)
+    config, tensors = plain.spec()
+    owned = QLinearDynamic.from_spec(config, {**tensors, "input_scale": inv_s})
+    x = torch.randn(3, 7, 24) * 4
+    before = x.clone()
+    assert torch.equal(owned(x), plain(x * inv_s))
+    assert torch.equal(x, before)
+    assert owned.owned_smooth and "SmoothQuant" in repr(owned)

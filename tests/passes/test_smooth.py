@@ -188,20 +188,31 @@ def test_convert_without_calibrate_names_the_fix():
         qcast.convert(observed)
 
 
-def test_save_load_and_compare(tmp_path):
+@pytest.mark.parametrize("activation", ["int8", "auto"])
+def test_save_load_and_compare(tmp_path, activation):
+    """Static int8 linears keep a float Smooth module before them; per-token dynamic ones ("auto" on token
+    sequences) apply the scales inside their kernel, and compare() still finds them."""
+    from qcast.kernels.dynamic import QLinearDynamic
+
     model = PostLNBlock()
-    q = _quantize(model, 0.7)
+    q = _quantize(model, 0.7, activation)
     _, x = _data()
     path = tmp_path / "smooth.qcast"
     qcast.save(q, path)
     loaded = qcast.load(path)
     with torch.no_grad():
         assert torch.equal(q(x), loaded(x))
-    assert {m.layer for m in loaded.modules() if isinstance(m, Smooth)} == {"fc1", "head"}
+    smooths = {m.layer for m in loaded.modules() if isinstance(m, Smooth)}
+    owned = {p for p, m in loaded.graph_module.named_modules() if isinstance(m, QLinearDynamic) and m.owned_smooth}
+    assert (smooths, owned) == (({"fc1", "head"}, set()) if activation == "int8" else (set(), {"fc1", "head"}))
     assert loaded.qcast_meta["smoothquant"]["smoothed"] == 2
     report = qcast.compare(model, q, x)
     rows = {r.name: r for r in report.layers}
     # the float graph gets the same scales, so the head's isolated SQNR compares like with like
     # (measured 38.9 dB; 1.8 dB when the float graph keeps the unsmoothed input)
     assert rows["head"].sqnr_isolated is not None and rows["head"].sqnr_isolated > 30.0
-    assert rows["head:smooth"].precision == "float"
+    if activation == "int8":
+        assert rows["head:smooth"].precision == "float"
+    else:  # no separate tensor to compare (like a relu fused into its conv); explain() still has the row
+        assert "head:smooth" not in rows
+        assert next(r for r in qcast.explain(q) if r.name == "head:smooth").precision == "float"
