@@ -10,6 +10,7 @@ import torch.nn as nn
 from .capture import attr_at, copy_io, copy_specs, op_of
 from .errors import NotCalibratedError, UnsupportedError
 from .kernels import backends
+from .kernels.dynamic import fuse_siblings
 from .nn import FusedConv
 from .observers import Observer, bias_shift, fake_quant_weight
 from .plan import Ctx, is_int8
@@ -180,6 +181,7 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
                 root[n.target] = attr_at(qdq, n.target)
             new.meta.update({k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
             env_f[n] = new
+    fuse_siblings(graph, root)  # per-token query/key/value linears: one GEMM
     for n in [n for n in graph.nodes if n.op == "call_module" and not n.users and isinstance(root[n.target], Smooth)]:
         graph.erase_node(n)  # a SmoothQuant multiply its per-token kernel applies itself (LinearDynamicKernel.build)
     for n in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:

@@ -222,6 +222,16 @@ def migrate(observed, calls: list, run: Callable[[int, tuple, dict], None], prog
             bar.close()
     gm = observed.gm
     rows = []
+    # linears reading the same tensor (a transformer's query/key/value) get one joint scale, the SmoothQuant paper's
+    # choice: max |W| over all their weight columns. Their inputs stay one tensor, so per-token kernels can share
+    # one GEMM (kernels/dynamic.py, fuse_siblings)
+    siblings: dict[fx.Node, list[nn.Linear]] = {}
+    for node, sm in pending:
+        lin_node, lin = _linear(gm, sm.target)
+        plan = lin_node.meta.get("qcast_plan") if lin_node is not None else None
+        if lin is not None and plan is not None and plan.precision == "int8" and isinstance(node.args[0], fx.Node):
+            siblings.setdefault(node.args[0], []).append(lin)
+    joint: dict[tuple, torch.Tensor] = {}
     with torch.no_grad():
         for node, sm in pending:
             lin_node, lin = _linear(gm, sm.target)
@@ -238,7 +248,11 @@ def migrate(observed, calls: list, run: Callable[[int, tuple, dict], None], prog
                 rows.append(SmoothedLayer(sm.layer, sm.alpha, ratio, False, reason=reason))
                 _drop(gm, node)
                 continue
-            s = smooth_scales(sm.absmax, lin.weight, sm.alpha)
+            group = siblings.get(node.args[0], [lin])
+            key = (node.args[0], sm.alpha)
+            if key not in joint:  # before any sibling's columns are rescaled
+                joint[key] = smooth_scales(sm.absmax, torch.cat([m.weight.detach() for m in group]), sm.alpha)
+            s = joint[key]
             lin.weight.copy_((lin.weight.double() * s).to(lin.weight.dtype))
             sm.inv_s.copy_((1.0 / s).to(sm.inv_s.dtype))
             sm.resolved = True

@@ -40,12 +40,16 @@ class QLinearDynamic(PackedKernelModule):
     never affect each other), per-channel s8 weights, int32 accumulation (fbgemm)."""
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 act: str = "", input_scale: torch.Tensor | None = None):
+                 act: str = "", input_scale: torch.Tensor | None = None, splits: list[int] | None = None):
         super().__init__()
         if act not in _ACTS:
             raise ValueError(f"unknown fused activation {act!r}")
         self.act = act
         self.out_features, self.in_features = weight_int8.shape
+        # several linears reading the same input, stacked (fuse_siblings): one GEMM, a tuple of outputs
+        self.splits = [int(n) for n in splits] if splits else None
+        if self.splits and sum(self.splits) != self.out_features:
+            raise ValueError(f"splits {self.splits} do not add up to out_features={self.out_features}")
         self.register_buffer("weight_int8", weight_int8.to(torch.int8).contiguous())
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -57,6 +61,12 @@ class QLinearDynamic(PackedKernelModule):
         with engine_scope("fbgemm"):
             self._packed = torch.ops.quantized.linear_prepack(w, None)
         self._wsum = (self.weight_int8.float().sum(1) * self.weight_scale)  # rowsum of the dequantized int8 weight
+        bounds, start = [], 0
+        for n in self.splits or ():
+            bounds.append((start, start + n, self._wsum[start:start + n],
+                           None if self.bias is None else self.bias[start:start + n]))
+            start += n
+        self._parts = bounds
 
     @classmethod
     def from_float(cls, linear: nn.Linear, act: str = "", qmax: int = 127) -> "QLinearDynamic":
@@ -65,7 +75,7 @@ class QLinearDynamic(PackedKernelModule):
         w_int = torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
         return cls(w_int, scale, linear.bias, act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
         owned = self.input_scale is not None
@@ -82,13 +92,19 @@ class QLinearDynamic(PackedKernelModule):
         # explicitly so fbgemm skips its own min/max pass over the input
         y = _GEMM(unit, _UNIT_SCALE, _UNIT_ZERO_POINT, self._packed)
         # W x + b = h * (W x') + c * rowsum(W) + b, with W the int8 weight the GEMM used
-        y.mul_(half).addr_(mid.view(-1), self._wsum)
-        if self.bias is not None:
-            y.add_(self.bias)
+        mid = mid.view(-1)
+        if self.splits is None:
+            return self._finish(y.mul_(half), mid, self._wsum, self.bias).reshape(*lead, self.out_features)
+        # each output: a contiguous copy of its columns, rescaled in the same pass
+        return tuple(self._finish(torch.mul(y[:, a:b], half), mid, wsum, bias).reshape(*lead, b - a)
+                     for a, b, wsum, bias in self._parts)
+
+    def _finish(self, y: torch.Tensor, mid: torch.Tensor, wsum: torch.Tensor, bias: torch.Tensor | None):
+        y.addr_(mid, wsum)
+        if bias is not None:
+            y.add_(bias)
         act = _ACTS[self.act]
-        if act is not None:
-            y = act(y)
-        return y.reshape(*lead, self.out_features)
+        return y if act is None else act(y)
 
     def spec(self):
         tensors = {"weight_int8": self.weight_int8, "weight_scale": self.weight_scale}
@@ -96,11 +112,15 @@ class QLinearDynamic(PackedKernelModule):
             tensors["bias"] = self.bias
         if self.input_scale is not None:
             tensors["input_scale"] = self.input_scale
-        return {"act": self.act}, tensors
+        config = {"act": self.act}
+        if self.splits:
+            config["splits"] = list(self.splits)
+        return config, tensors
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, per-token dynamic int8"
-                + (f", fused {self.act}" if self.act else "") + (", SmoothQuant scales" if self.owned_smooth else ""))
+                + (f", fused {self.act}" if self.act else "") + (", SmoothQuant scales" if self.owned_smooth else "")
+                + (f", {len(self.splits)} linears stacked {self.splits}" if self.splits else ""))
 
     @property
     def owned_smooth(self) -> bool:
@@ -156,3 +176,56 @@ class LinearDynamicKernel(KernelImpl):
             q.register_buffer("input_scale", smooth.inv_s.detach().float().clone())
             x = x.args[0]
         return q, (x,)
+
+
+def fuse_siblings(graph: fx.Graph, root: dict) -> int:
+    """Stack the per-token linears that read the same tensor (a transformer's query, key and value) into one
+    ``QLinearDynamic`` with ``splits``: one row mapping and one GEMM instead of three (a 384-wide GEMM runs at ~60%
+    of the per-column speed of a 1152-wide one, measured). Same numbers: int32 accumulation per output column is
+    unchanged by stacking. Members need the same activation and the same SmoothQuant scales (``calibrate()``
+    gives siblings a joint scale). Each member's node becomes a ``getitem`` of the stacked output and keeps its
+    name, so explain() and compare() still see it. Returns how many stacks were made."""
+    import operator
+
+    groups: dict[tuple, list[fx.Node]] = {}
+    for n in graph.nodes:
+        mod = root.get(n.target) if n.op == "call_module" else None
+        if type(mod) is QLinearDynamic and not mod.splits and len(n.args) == 1 and not n.kwargs \
+                and isinstance(n.args[0], fx.Node):
+            groups.setdefault((n.args[0], mod.act, mod.in_features), []).append(n)
+    count = 0
+    for nodes in groups.values():
+        while len(nodes) > 1:
+            first = root[nodes[0].target]
+            same = [n for n in nodes if _same_input_scale(root[n.target], first)]
+            nodes = [n for n in nodes if n not in same]
+            if len(same) < 2:
+                continue
+            mods = [root[n.target] for n in same]
+            bias = None
+            if any(m.bias is not None for m in mods):
+                bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
+            stacked = QLinearDynamic(torch.cat([m.weight_int8 for m in mods]), torch.cat([m.weight_scale for m in mods]),
+                                     bias, first.act, first.input_scale, [m.out_features for m in mods])
+            target = "qcast_k." + "_".join(n.target.replace(".", "_") for n in same[:1]) + f"__stack{len(same)}"
+            root[target] = stacked
+            with graph.inserting_before(same[0]):
+                fused = graph.call_module(target, same[0].args)
+            fused.meta["qcast_stack"] = [n.meta.get("qcast_name", n.name) for n in same]
+            after = fused
+            for i, n in enumerate(same):
+                with graph.inserting_after(after):
+                    part = graph.call_function(operator.getitem, (fused, i))
+                part.meta.update({k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
+                n.replace_all_uses_with(part)
+                after = part
+            for n in same:
+                graph.erase_node(n)
+            count += 1
+    return count
+
+
+def _same_input_scale(a: QLinearDynamic, b: QLinearDynamic) -> bool:
+    if a.input_scale is None or b.input_scale is None:
+        return a.input_scale is None and b.input_scale is None
+    return a.input_scale.shape == b.input_scale.shape and torch.equal(a.input_scale, b.input_scale)

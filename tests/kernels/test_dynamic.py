@@ -96,3 +96,41 @@ def test_smoothquant_scales_inside_the_kernel_equal_a_separate_multiply():
     assert torch.equal(owned(x), plain(x * inv_s))
     assert torch.equal(x, before)
     assert owned.owned_smooth and "SmoothQuant" in repr(owned)
+
+
+class _QKV(nn.Module):
+    """Three per-token linears reading one tensor (a transformer's query/key/value), one with no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8, bias=False), nn.Linear(16, 12)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.q(h) + self.k(h), self.v(h)
+
+
+def test_linears_reading_one_tensor_share_one_gemm_with_the_same_numbers(tmp_path, monkeypatch):
+    import sys
+
+    torch.manual_seed(0)
+    model = _QKV().eval()
+    calib = [torch.randn(2, 5, 16) for _ in range(3)]
+    x = torch.randn(3, 7, 16)
+    stacked = qcast.quantize(model, calib, progress=False)
+    stacks = [m for m in stacked.modules() if isinstance(m, QLinearDynamic) and m.splits]
+    assert len(stacks) == 1 and stacks[0].splits == [8, 8, 12]
+    monkeypatch.setattr(sys.modules["qcast.convert"], "fuse_siblings", lambda graph, root: 0)
+    separate = qcast.quantize(model, calib, progress=False)
+    assert not any(isinstance(m, QLinearDynamic) and m.splits for m in separate.modules())
+    with torch.no_grad():
+        for a, b in zip(stacked(x), separate(x)):
+            assert torch.equal(a, b)  # int32 accumulation per output column does not depend on the stacking
+    assert [r for r in qcast.explain(stacked)] == [r for r in qcast.explain(separate)]
+    qcast.save(stacked, tmp_path / "s.qcast")
+    loaded = qcast.load(tmp_path / "s.qcast")
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(stacked(x), loaded(x)))
+    rows = {r.name: r for r in qcast.compare(model, stacked, x).layers}
+    assert all(rows[n].sqnr > 30 for n in ("q", "k", "v")), {n: rows[n].sqnr for n in ("q", "k", "v")}

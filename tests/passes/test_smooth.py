@@ -216,3 +216,37 @@ def test_save_load_and_compare(tmp_path, activation):
     else:  # no separate tensor to compare (like a relu fused into its conv); explain() still has the row
         assert "head:smooth" not in rows
         assert next(r for r in qcast.explain(q) if r.name == "head:smooth").precision == "float"
+
+
+def test_linears_reading_one_tensor_get_one_joint_scale():
+    """Query/key/value-like siblings: s from max |W| over all their columns (the SmoothQuant paper's choice), so
+    their inputs stay one tensor and the per-token kernel stacks them into one GEMM."""
+    from qcast.kernels.dynamic import QLinearDynamic
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(D)
+            self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.q(h) * self.k(h) + self.v(h)
+
+    torch.manual_seed(0)
+    model = QKV().eval()
+    with torch.no_grad():
+        model.norm.weight[3] = 40.0  # an outlier channel
+        model.k.weight[:, 5] *= 10  # the siblings' weights differ per column
+    calib = [torch.randn(2, 6, D) for _ in range(4)]
+    x = torch.randn(2, 9, D)
+    q = qcast.quantize(model, calib, config=qcast.QuantConfig(smoothquant=0.5), progress=False)
+    stacks = [m for m in q.modules() if isinstance(m, QLinearDynamic) and m.splits]
+    assert len(stacks) == 1 and stacks[0].owned_smooth and stacks[0].splits == [D, D, D]
+    s = 1.0 / stacks[0].input_scale.double()
+    w = torch.cat([model.q.weight, model.k.weight, model.v.weight]).detach()
+    from qcast.smooth import smooth_scales
+    absmax = torch.cat([model.norm(c).detach().abs().reshape(-1, D) for c in calib]).amax(0)
+    assert torch.allclose(s, smooth_scales(absmax, w, 0.5), rtol=1e-5)
+    with torch.no_grad():
+        assert sqnr(model(x), q(x)) > 25
