@@ -141,6 +141,64 @@ def _calls(bench: Bench, n_samples: int, batch: int, seed0: int) -> List[Tuple[A
     return [bench.inputs(batch, seed0 + i) for i in range(max(1, n_samples // batch))]
 
 
+class _FirstOutput(nn.Module):
+    """``model(**dict(zip(names, args)))``'s first tensor (``last_hidden_state``), or ``model(*args)``: positional
+    tensors in and one tensor out, what the ONNX exporter takes."""
+
+    def __init__(self, model: nn.Module, names: List[str] | None):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.names, args))) if self.names else self.model(*args)
+        if isinstance(out, torch.Tensor):
+            return out
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _ort_candidates(model: nn.Module, calib: List[Any], example: Any, workdir: str) -> Dict[str, Any]:
+    """ONNX Runtime int8, where installed: ``ort_static`` (its x86 recipe: QDQ, u8 activations, s8 per-channel
+    weights, MinMax, after ``quant_pre_process``) and ``ort_dynamic`` (``quantize_dynamic``, s8 weights, the recipe
+    ORT documents for transformers). Returns ``{name: callable(x) -> tensor}`` for those that worked and
+    ``{name: "error ..."}`` for those that did not (reported in the table, never silently dropped)."""
+    from benchmarks.peers import export_onnx, ort_quantize_static, ort_session, peer_missing
+
+    missing = peer_missing("ort")
+    if missing:
+        return {"ort_static": f"not installed ({missing})", "ort_dynamic": f"not installed ({missing})"}
+    names = sorted(example) if isinstance(example, dict) else None
+    as_args = (lambda x: tuple(x[k] for k in names)) if names else (lambda x: tuple(x))
+    fp32_path = os.path.join(workdir, "fp32.onnx")
+    out: Dict[str, Any] = {}
+    try:
+        info = export_onnx(_FirstOutput(model, names).eval(), as_args(example), fp32_path,
+                           dynamic_dims=(0, 1) if names else (0,))  # token sequences: any batch and length
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return {k: f"export failed: {type(e).__name__}: {str(e)[:160]}" for k in ("ort_static", "ort_dynamic")}
+    in_names = info["input_names"]
+    calib_args = [as_args(c) if isinstance(c, dict) else (c if isinstance(c, tuple) else (c,)) for c in calib]
+
+    def runner(path):
+        sess = ort_session(path)
+        return lambda x: torch.from_numpy(sess.run(None, {n: a.numpy() for n, a in zip(in_names, as_args(x))})[0])
+
+    try:
+        static_path = os.path.join(workdir, "static.onnx")
+        ort_quantize_static(fp32_path, static_path, calib_args, in_names)
+        out["ort_static"] = runner(static_path)
+    except Exception as e:  # noqa: BLE001
+        out["ort_static"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        dyn_path = os.path.join(workdir, "dynamic.onnx")
+        quantize_dynamic(fp32_path, dyn_path, weight_type=QuantType.QInt8)
+        out["ort_dynamic"] = runner(dyn_path)
+    except Exception as e:  # noqa: BLE001
+        out["ort_dynamic"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+    return out
+
+
 def run_model(name: str, args) -> Dict[str, Any]:
     import qcast
 
@@ -166,6 +224,19 @@ def run_model(name: str, args) -> Dict[str, Any]:
         if bench.readout is not None:  # embeddings: cosine to float, mean and min over the sentences
             cos = {k: torch.cat([(r * q).sum(-1) for r, q in zip(refs, o)]) for k, o in outs.items()}
             out["cosine"] = {k: {"mean": float(c.mean()), "min": float(c.min())} for k, c in cos.items()}
+    ort: Dict[str, Any] = {}
+    if args.ort:
+        with tempfile.TemporaryDirectory() as d:  # sessions hold their models in memory
+            ort = _ort_candidates(model, calib, evals[0], d)
+    out["ort_errors"] = {k: v for k, v in ort.items() if not callable(v)}
+    ort = {k: v for k, v in ort.items() if callable(v)}
+    with torch.no_grad():
+        for k, f in ort.items():
+            o = [readout((f(x),) if bench.readout else f(x), x) for x in evals]
+            out["sqnr"][k] = sqnr(refs, o)
+            if bench.readout is not None:
+                c = torch.cat([(r * q).sum(-1) for r, q in zip(refs, o)])
+                out["cosine"][k] = {"mean": float(c.mean()), "min": float(c.min())}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.qcast")
         qcast.save(qmodel, path)
@@ -174,7 +245,8 @@ def run_model(name: str, args) -> Dict[str, Any]:
     out["latency_ms"] = {}
     for b in args.batch:
         (x,) = [bench.inputs(b, 9000)]
-        fns = {"fp32": lambda: _call(model, x), "qcast": lambda: _call(qmodel, x), "dynamic": lambda: _call(dynamic, x)}
+        fns = {"fp32": lambda: _call(model, x), "qcast": lambda: _call(qmodel, x), "dynamic": lambda: _call(dynamic, x),
+               **{k: (lambda f=f: f(x)) for k, f in ort.items()}}
         stats = latency_stats_quiet(fns, n=args.n, warmup=args.warmup, wait_s=args.wait,
                                     log=lambda s: print(s, file=sys.stderr))
         out["latency_ms"][b] = {k: {"median": v["median"], "p10": v["p10"], "p90": v["p90"]} for k, v in stats.items()}
@@ -182,28 +254,46 @@ def run_model(name: str, args) -> Dict[str, Any]:
     return out
 
 
+_ORT = ("ort_static", "ort_dynamic")
+
+
+def _ms(lat: Dict[str, Any], k: str) -> str:
+    return f"{lat[k]['median']:.1f}" if k in lat else "-"
+
+
+def _db(r: Dict[str, Any], k: str) -> str:
+    return f"{r['sqnr'][k]:.1f}" if k in r["sqnr"] else "-"
+
+
 def render(results: List[Dict[str, Any]]) -> str:
     m = machine_info()
     lines = [f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, {m['threads']} threads, torch {m['torch']}", "",
-             "| model | batch | fp32 ms | qcast ms | dynamic ms | qcast vs fp32 | SQNR qcast dB | SQNR dynamic dB "
-             "| MB fp32 / qcast / dynamic | linear+matmul int8 | other load (cores) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | fp32 ms | qcast ms | torch dynamic ms | ORT static ms | ORT dynamic ms | qcast vs fp32 "
+             "| SQNR dB qcast / dynamic / ORT static / ORT dynamic | MB fp32 / qcast / dynamic | linear+matmul int8 "
+             "| other load (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for b, lat in r["latency_ms"].items():
-            f, q, d = (lat[k]["median"] for k in ("fp32", "qcast", "dynamic"))
+            f, q = lat["fp32"]["median"], lat["qcast"]["median"]
             s = r["size_mb"]
             lines.append(f"| {r['model']}{' skip=' + ','.join(r['skip']) if r['skip'] else ''} | {b} | {f:.1f} | "
-                         f"{q:.1f} | {d:.1f} | {f / q:.2f}x | {r['sqnr']['qcast']:.1f} | {r['sqnr']['dynamic']:.1f} | "
+                         f"{q:.1f} | {_ms(lat, 'dynamic')} | {_ms(lat, 'ort_static')} | {_ms(lat, 'ort_dynamic')} | "
+                         f"{f / q:.2f}x | {' / '.join(_db(r, k) for k in ('qcast', 'dynamic') + _ORT)} | "
                          f"{s['fp32']:.1f} / {s['qcast']:.1f} / {s['dynamic']:.1f} | {r['int8_linear_matmul']} | "
                          f"{r['foreign_load'][b]:.2f} |")
     cos = list({r["model"]: r for r in results if "cosine" in r}.values())  # one row per model (any batch)
     if cos:
         lines += ["", "Sentence-embedding cosine to fp32 (mean-pooled, held-out sentences), mean / min:", "",
-                  "| model | qcast | torch dynamic int8 |", "|---|---|---|"]
+                  "| model | qcast | torch dynamic int8 | ORT static int8 | ORT dynamic int8 |", "|---|---|---|---|---|"]
         for r in cos:
             c = r["cosine"]
-            lines.append(f"| {r['model']} | {c['qcast']['mean']:.4f} / {c['qcast']['min']:.4f} | "
-                         f"{c['dynamic']['mean']:.4f} / {c['dynamic']['min']:.4f} |")
+            cell = lambda k: f"{c[k]['mean']:.4f} / {c[k]['min']:.4f}" if k in c else "-"  # noqa: E731
+            lines.append(f"| {r['model']} | " + " | ".join(cell(k) for k in ("qcast", "dynamic") + _ORT) + " |")
+    errors = [(r["model"], k, v) for r in {r["model"]: r for r in results}.values()
+              for k, v in r.get("ort_errors", {}).items()]
+    if errors:
+        lines += ["", "ONNX Runtime candidates that did not run:", ""]
+        lines += [f"- {model} {k}: {v}" for model, k, v in errors]
     return "\n".join(lines)
 
 
@@ -234,10 +324,11 @@ def _emit(results: List[Dict[str, Any]], args) -> None:
     md = render(results)
     print(md)
     if args.doc:
-        head = ("## Transformers\n\nGenerated by `benchmarks/bench_transformers.py` (medians of interleaved runs; fp32 eager, "
-                "qcast with its default config, `torch.ao.quantization.quantize_dynamic` on every `nn.Linear`). ONNX "
-                "Runtime is not in this table: its shape pre-processing fails on the Hugging Face model (../shared/DESIGN.md) "
-                "and its static int8 DeiT-tiny runs slower than its own float.\n\n")
+        head = ("## Transformers\n\nGenerated by `benchmarks/bench_transformers.py` (medians of interleaved runs in one "
+                "process; fp32 eager, qcast with its default config, `torch.ao.quantization.quantize_dynamic` on every "
+                "`nn.Linear`, and ONNX Runtime int8 where installed: `quantize_static` (QDQ, u8 activations, s8 "
+                "per-channel weights, MinMax, after `quant_pre_process`) and `quantize_dynamic` (s8 weights) on the "
+                "legacy-exporter ONNX graph, same calibration items, sessions without spinning).\n\n")
         write_section(args.doc, "transformers", head + md + "\n\n" + _targets(results))
 
 
@@ -251,6 +342,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=30, help="timed rounds (medians)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a quiet machine before timing")
+    p.add_argument("--no-ort", dest="ort", action="store_false",
+                   help="leave out ONNX Runtime int8 (static and dynamic), timed by default when installed")
     p.add_argument("--skip", default="", help="comma-separated QuantConfig.skip patterns for the qcast candidate")
     p.add_argument("--out", default="", help="write the JSON results here")
     p.add_argument("--doc", default="", help="write the table into this page's 'transformers' section "

@@ -107,8 +107,10 @@ def fx_quantize(
 # ----------------------------------------------------------------------------- (b) ONNX Runtime
 
 
-def export_onnx(model: torch.nn.Module, example_args: Tuple[Any, ...], path: str, opset: int = 17) -> Dict[str, Any]:
-    """Export ``model`` to ONNX with a dynamic batch dimension; returns names and the exporter used.
+def export_onnx(model: torch.nn.Module, example_args: Tuple[Any, ...], path: str, opset: int = 17,
+                dynamic_dims: Tuple[int, ...] = (0,)) -> Dict[str, Any]:
+    """Export ``model`` to ONNX with dynamic ``dynamic_dims`` (default: the batch dimension; ``(0, 1)`` for token
+    sequences); returns names and the exporter used.
 
     Uses the legacy TorchScript exporter (``dynamo=False``: still present in torch 2.13, needs no
     onnxscript, takes dynamic_axes) and falls back to the torch.export-based one (needs onnxscript).
@@ -129,12 +131,12 @@ def export_onnx(model: torch.nn.Module, example_args: Tuple[Any, ...], path: str
                 opset_version=opset,
                 input_names=input_names,
                 output_names=output_names,
-                dynamic_axes={n: {0: "batch"} for n in input_names + output_names},
+                dynamic_axes={n: {d: f"dim{d}" for d in dynamic_dims} for n in input_names + output_names},
                 do_constant_folding=True,
             )
         exporter = "torchscript (dynamo=False)"
     except Exception as legacy_err:  # pragma: no cover - depends on the torch build
-        batch = torch.export.Dim("batch")
+        batch = torch.export.Dim.AUTO
         try:
             torch.onnx.export(
                 model,
@@ -143,7 +145,7 @@ def export_onnx(model: torch.nn.Module, example_args: Tuple[Any, ...], path: str
                 dynamo=True,
                 input_names=input_names,
                 output_names=output_names,
-                dynamic_shapes=tuple({0: batch} for _ in example_args),
+                dynamic_shapes=tuple({d: batch for d in dynamic_dims} for _ in example_args),
                 external_data=False,
             )
         except Exception as dynamo_err:
