@@ -33,6 +33,7 @@ dynamic 9.6 dB (docs/design.md, known limits: the fused qkv output has one scale
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -184,7 +185,8 @@ def _ort_candidates(model: nn.Module, calib: List[Any], example: Any, workdir: s
 
     try:
         static_path = os.path.join(workdir, "static.onnx")
-        ort_quantize_static(fp32_path, static_path, calib_args, in_names)
+        with contextlib.chdir(workdir):  # ORT's shape inference and calibrator leave temporary files in the cwd
+            ort_quantize_static(fp32_path, static_path, calib_args, in_names)
         out["ort_static"] = runner(static_path)
     except Exception as e:  # noqa: BLE001
         out["ort_static"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
@@ -192,7 +194,8 @@ def _ort_candidates(model: nn.Module, calib: List[Any], example: Any, workdir: s
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         dyn_path = os.path.join(workdir, "dynamic.onnx")
-        quantize_dynamic(fp32_path, dyn_path, weight_type=QuantType.QInt8)
+        with contextlib.chdir(workdir):
+            quantize_dynamic(fp32_path, dyn_path, weight_type=QuantType.QInt8)
         out["ort_dynamic"] = runner(dyn_path)
     except Exception as e:  # noqa: BLE001
         out["ort_dynamic"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
