@@ -3,12 +3,11 @@
 Each row of the input (a token, for a transformer) gets its own 8-bit range, computed at run time from that row's
 [min, max]; weights are per-output-channel symmetric int8, quantized once at convert. Kernel, chosen by measurement
 (one 1024 x 384 -> 1536 linear, interleaved; ``torch._int_mm`` with an explicit quantize and rescale took 2-3x longer
-than this, which has the fewest passes over the data): each row is mapped affinely onto exactly [-1, 1], fbgemm
-quantizes the input over that common range with the 8-bit params its dynamic linear would choose for it
-(``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` with scale 2/255 and zero point 128, given
-explicitly: bit-identical to ``quantized::linear_dynamic`` without its min/max pass), accumulates in int32 and
-writes fp32, and the output rows are mapped back (``h * y + c * rowsum(W) + b``, two fused
-passes). Every row spans the same range, so the result is that of quantizing each row by itself: a token's output
+than this, which has the fewest passes over the data): each row is mapped affinely onto exactly [-1/2, 1/2]
+(``(x - c) / w``, ``c`` and ``w`` the centre and width of its [min, max]), fbgemm quantizes it over that fixed range
+(``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` with scale 1/255 and zero point 128, given explicitly:
+the grid ``quantized::linear_dynamic`` picks for [-1, 1], without its min/max pass), accumulates u8 x s8 in int32
+and writes fp32, and the output rows are mapped back (``w * y + c * rowsum(W) + b``). Every row spans the same range, so the result is that of quantizing each row by itself: a token's output
 does not depend on what else is in the batch (padding included). A symmetric variant (rows divided by max |x|) let
 fbgemm's common range depend on the batch and moved a padded sentence's embedding (cosine 0.9974 to itself unpadded). Nothing is calibrated for
 the input, so a token whose values are 10x larger than the rest (BERT's outlier tokens) costs only its own row's
@@ -29,14 +28,14 @@ from .engines import engine_scope
 from .registry import register
 
 _GEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32  # float in, u8 x s8 -> s32, float out
-_UNIT_SCALE, _UNIT_ZERO_POINT = 2.0 / 255.0, 128  # fbgemm's choose_qparams for [-1, 1], 8 bits
+_UNIT_SCALE, _UNIT_ZERO_POINT = 1.0 / 255.0, 128  # 8 bits over [-1/2, 1/2] (fbgemm's choice for [-1, 1], halved)
 _ACTS = {"": None, "relu": torch.relu, "relu6": lambda y: y.clamp_(0.0, 6.0)}
 
 
 @kernel_module
 class QLinearDynamic(PackedKernelModule):
-    """``y = h * linear_dynamic((x - c) / h, W_q) + c * rowsum(W_q) + b`` with ``c, h`` the centre and half-width of
-    each row's [min, max]: per-token asymmetric 8-bit activations (every row spans the GEMM's [-1, 1] range, so rows
+    """``y = w * gemm((x - c) / w, W_q) + c * rowsum(W_q) + b`` with ``c, w`` the centre and width of each row's
+    [min, max]: per-token asymmetric 8-bit activations (every row spans the GEMM's fixed [-1/2, 1/2] range, so rows
     never affect each other), per-channel s8 weights, int32 accumulation (fbgemm)."""
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -84,19 +83,19 @@ class QLinearDynamic(PackedKernelModule):
         # amax + amin, not aminmax(dim=1): 0.14 vs 3.5 ms on 1024 x 1536 (one thread); likewise sub + mul_ and the
         # in-place epilogue below beat addcmul / addr + addcmul by 2-4x (measured, torch 2.13)
         hi, lo = x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True)
-        half = ((hi - lo) * 0.5).clamp_min_(1e-12)  # each row mapped onto exactly [-1, 1]: x = c + h * x'
-        mid = (hi + lo) * 0.5
-        unit = (x2.sub_(mid) if owned else x2 - mid).mul_(half.reciprocal())
-        # every row now spans exactly [-1, 1]: quantize it with the 8-bit params fbgemm's dynamic linear would pick
-        # for that range (scale 2/255, zero point 128; bit-identical to quantized::linear_dynamic, measured), given
-        # explicitly so fbgemm skips its own min/max pass over the input
+        mid = torch.lerp(lo, hi, 0.5)  # each row's centre c and width w: x = c + w * x', x' in [-1/2, 1/2]
+        width = hi.sub_(lo).clamp_min_(1e-12)
+        unit = (x2.sub_(mid) if owned else x2 - mid).div_(width)
+        # every row now spans exactly [-1/2, 1/2]: quantize it to 8 bits over that range (scale 1/255, zero point
+        # 128: the grid fbgemm's dynamic linear picks for [-1, 1], halved), given explicitly so fbgemm skips a
+        # min/max pass over the input; u8 x s8 products accumulate in int32 and come out in fp32
         y = _GEMM(unit, _UNIT_SCALE, _UNIT_ZERO_POINT, self._packed)
-        # W x + b = h * (W x') + c * rowsum(W) + b, with W the int8 weight the GEMM used
+        # W x + b = w * (W x') + c * rowsum(W) + b, with W the int8 weight the GEMM used
         mid = mid.view(-1)
         if self.splits is None:
-            return self._finish(y.mul_(half), mid, self._wsum, self.bias).reshape(*lead, self.out_features)
+            return self._finish(y.mul_(width), mid, self._wsum, self.bias).reshape(*lead, self.out_features)
         # each output: a contiguous copy of its columns, rescaled in the same pass
-        return tuple(self._finish(torch.mul(y[:, a:b], half), mid, wsum, bias).reshape(*lead, b - a)
+        return tuple(self._finish(torch.mul(y[:, a:b], width), mid, wsum, bias).reshape(*lead, b - a)
                      for a, b, wsum, bias in self._parts)
 
     def _finish(self, y: torch.Tensor, mid: torch.Tensor, wsum: torch.Tensor, bias: torch.Tensor | None):

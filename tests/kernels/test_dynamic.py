@@ -134,3 +134,25 @@ def test_linears_reading_one_tensor_share_one_gemm_with_the_same_numbers(tmp_pat
         assert all(torch.equal(a, b) for a, b in zip(stacked(x), loaded(x)))
     rows = {r.name: r for r in qcast.compare(model, stacked, x).layers}
     assert all(rows[n].sqnr > 30 for n in ("q", "k", "v")), {n: rows[n].sqnr for n in ("q", "k", "v")}
+
+
+def test_kernel_equals_an_explicit_per_row_u8_quantization():
+    """The reference: each row quantized by itself to 256 levels over its own [min, max], multiplied by the int8
+    weight in exact integer arithmetic (float64), and mapped back. Equal up to fp32 rounding, except that a row's
+    min and max sit exactly on rounding ties (+-127.5 levels) and may take either neighbour in fp32."""
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24)
+    q = QLinearDynamic.from_float(lin)
+    x = _tokens_with_outlier_rows(n=16, dim=40).double()
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    mid, width = (lo + hi) / 2, hi - lo
+    levels = torch.clamp(torch.round((x - mid) / width * 255) + 128, 0, 255) - 128  # integers in [-128, 127]
+    w_int = q.weight_int8.double()
+    acc = levels @ w_int.T  # exact integer sums
+    ref = acc * (width / 255) * q.weight_scale.double() + mid * (w_int.sum(1) * q.weight_scale.double()) \
+        + lin.bias.detach().double()
+    out = q(x.float()).double()
+    w_deq = w_int * q.weight_scale.double()[:, None]
+    tie = (width / 255) * (w_deq.T[x.argmax(-1)].abs() + w_deq.T[x.argmin(-1)].abs())  # one level at min and max
+    slack = 1e-5 * ref.abs().amax(-1, keepdim=True)  # fp32 rounding of the rescale
+    assert ((out - ref).abs() <= tie + slack).all()
