@@ -306,10 +306,16 @@ def _pytree_io(gm: fx.GraphModule) -> dict | None:
         raise FormatError(f"cannot save the model's input/output structure: {e}") from None
 
 
+#: packages whose modules load() may import to rebuild a saved input/output type (besides already-imported ones)
+_PYTREE_PACKAGES = ("transformers", "torch")
+
+
 def _import_pytree_types(io: dict) -> None:
     """Import the modules that define the saved input/output types (e.g. ``transformers.modeling_outputs``, which
-    registers ``BaseModelOutput...`` with pytree when imported), for installed packages only."""
+    registers ``BaseModelOutput...`` with pytree when imported). A file names them, so only modules of packages in
+    ``_PYTREE_PACKAGES`` or already imported by the caller are imported, and only when installed."""
     import importlib.util
+    import sys
 
     names: set[str] = set()
 
@@ -331,7 +337,9 @@ def _import_pytree_types(io: dict) -> None:
                 pass
     for name in names:
         module = name.rpartition(".")[0]
-        if not module or importlib.util.find_spec(module.partition(".")[0]) is None:
+        package = module.partition(".")[0]
+        if not module or not (package in _PYTREE_PACKAGES or package in sys.modules) \
+                or importlib.util.find_spec(package) is None:
             continue
         try:
             importlib.import_module(module)
@@ -345,6 +353,7 @@ def _restore_pytree_io(gm: fx.GraphModule, io: dict | None, path: str) -> None:
 
     if not io:
         return
+
     def specs():
         return (pytree.treespec_loads(io["in_spec"]),
                 pytree.treespec_loads(io["out_spec"]) if io.get("out_spec") else None)

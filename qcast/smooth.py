@@ -304,8 +304,10 @@ def mirror(float_gm: fx.GraphModule, quantized_gm: nn.Module) -> int:
     Returns how many were mirrored."""
     scales = {m.target: m.inv_s for m in quantized_gm.modules() if isinstance(m, Smooth)}
     # a per-token dynamic kernel applies its linear's scales itself (kernels/dynamic.py): it sits at the linear's path
-    scales.update({path: m.input_scale for path, m in quantized_gm.named_modules()
-                   if getattr(m, "input_scale", None) is not None and path not in scales})
+    for path, m in quantized_gm.named_modules():
+        if getattr(m, "input_scale", None) is not None:  # a stack of linears (query/key/value) shares its scales
+            for target in getattr(m, "members", None) or [path]:
+                scales.setdefault(target, m.input_scale)
     count = 0
     with torch.no_grad():
         for _, sm in smooth_nodes(float_gm):

@@ -230,3 +230,17 @@ def test_a_fresh_process_loads_transformer_kernels(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_load_imports_saved_output_types_only_from_allowed_packages():
+    """A file names the modules of its output types; load() imports only those of transformers/torch or of
+    packages the caller already imported (the stdlib's ``this`` prints on import: it must stay unimported)."""
+    import json as _json
+    import sys
+
+    from qcast.serialize import _import_pytree_types
+
+    assert "this" not in sys.modules
+    spec = _json.dumps([1, {"type": "this.Anything", "context": "null", "children_spec": []}])
+    _import_pytree_types({"in_spec": spec, "out_spec": spec})
+    assert "this" not in sys.modules

@@ -39,7 +39,8 @@ class QLinearDynamic(PackedKernelModule):
     never affect each other), per-channel s8 weights, int32 accumulation (fbgemm)."""
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 act: str = "", input_scale: torch.Tensor | None = None, splits: list[int] | None = None):
+                 act: str = "", input_scale: torch.Tensor | None = None, splits: list[int] | None = None,
+                 members: list[str] | None = None):
         super().__init__()
         if act not in _ACTS:
             raise ValueError(f"unknown fused activation {act!r}")
@@ -49,6 +50,7 @@ class QLinearDynamic(PackedKernelModule):
         self.splits = [int(n) for n in splits] if splits else None
         if self.splits and sum(self.splits) != self.out_features:
             raise ValueError(f"splits {self.splits} do not add up to out_features={self.out_features}")
+        self.members = [str(m) for m in members] if members else None  # the stacked linears' module paths
         self.register_buffer("weight_int8", weight_int8.to(torch.int8).contiguous())
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -114,12 +116,15 @@ class QLinearDynamic(PackedKernelModule):
         config = {"act": self.act}
         if self.splits:
             config["splits"] = list(self.splits)
+        if self.members:
+            config["members"] = list(self.members)
         return config, tensors
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, per-token dynamic int8"
                 + (f", fused {self.act}" if self.act else "") + (", SmoothQuant scales" if self.owned_smooth else "")
-                + (f", {len(self.splits)} linears stacked {self.splits}" if self.splits else ""))
+                + (f", {len(self.splits)} linears stacked {self.splits}" if self.splits else "")
+                + (f" ({', '.join(self.members)})" if self.members else ""))
 
     @property
     def owned_smooth(self) -> bool:
@@ -205,7 +210,8 @@ def fuse_siblings(graph: fx.Graph, root: dict) -> int:
             if any(m.bias is not None for m in mods):
                 bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods])
             stacked = QLinearDynamic(torch.cat([m.weight_int8 for m in mods]), torch.cat([m.weight_scale for m in mods]),
-                                     bias, first.act, first.input_scale, [m.out_features for m in mods])
+                                     bias, first.act, first.input_scale, [m.out_features for m in mods],
+                                     [str(n.target) for n in same])
             target = "qcast_k." + "_".join(n.target.replace(".", "_") for n in same[:1]) + f"__stack{len(same)}"
             root[target] = stacked
             with graph.inserting_before(same[0]):

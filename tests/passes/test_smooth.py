@@ -250,3 +250,9 @@ def test_linears_reading_one_tensor_get_one_joint_scale():
     assert torch.allclose(s, smooth_scales(absmax, w, 0.5), rtol=1e-5)
     with torch.no_grad():
         assert sqnr(model(x), q(x)) > 25
+    assert stacks[0].members == ["q", "k", "v"]
+    from qcast.report.compare import _float_graph
+    from qcast.smooth import mirror, smooth_nodes
+    fgm, _ = _float_graph(model, (calib[0],), {}, qcast.QuantConfig(smoothquant=0.5))
+    assert mirror(fgm, q.graph_module) == 3  # compare()'s float graph gets the stack's scales for each member
+    assert all(torch.equal(sm.inv_s, stacks[0].input_scale) for _, sm in smooth_nodes(fgm))
