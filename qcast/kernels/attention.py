@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import threading
 
 import torch
 import torch.fx as fx
@@ -46,21 +47,31 @@ def _centred(q: torch.Tensor) -> torch.Tensor:
     return q.dequantize().mul_(1.0 / q.q_scale())
 
 
+_BF16 = {"lock": threading.Lock(), "users": 0, "saved": None}
+
+
 @contextlib.contextmanager
 def exact_int_matmul():
     """Let oneDNN run fp32 matmuls on bf16 units (fp32 accumulation) while inside: only for operands that are
     integers of magnitude <= 256, which bf16 holds exactly, so the products are unchanged (an s8/u8 GEMM's
-    integer sums, exact below 2^24). The process-wide setting is restored on exit."""
+    integer sums, exact below 2^24). The setting is process-wide: the first caller in saves it and the last one out
+    restores it, so calls from several threads at once cannot leave it changed (docs/design.md, known limits)."""
     prec = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    old = getattr(prec, "fp32_precision", None)
-    if old is None:  # a PyTorch without the setting: plain fp32, still exact
+    if getattr(prec, "fp32_precision", None) is None:  # a PyTorch without the setting: plain fp32, still exact
         yield
         return
-    prec.fp32_precision = "bf16"
+    with _BF16["lock"]:
+        if _BF16["users"] == 0:
+            _BF16["saved"] = prec.fp32_precision
+            prec.fp32_precision = "bf16"
+        _BF16["users"] += 1
     try:
         yield
     finally:
-        prec.fp32_precision = old
+        with _BF16["lock"]:
+            _BF16["users"] -= 1
+            if _BF16["users"] == 0:
+                prec.fp32_precision = _BF16["saved"]
 
 
 @kernel_module

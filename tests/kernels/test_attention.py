@@ -372,3 +372,39 @@ def test_qmatmul_gives_the_exact_integer_products_and_restores_the_matmul_precis
     with exact_int_matmul():  # the centred integers multiply exactly under the bf16 setting
         exact = torch.matmul(a.int_repr().float() - 131, b.int_repr().float())
     assert torch.equal(exact.double(), ints)
+
+
+def test_exact_int_matmul_restores_the_setting_when_threads_overlap():
+    """Two threads inside at once (a server running the model concurrently): the last one out restores the
+    precision the first one in saved, whatever the order they leave in."""
+    import threading
+
+    from qcast.kernels.attention import exact_int_matmul
+
+    prec = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if getattr(prec, "fp32_precision", None) is None:
+        pytest.skip("this PyTorch has no oneDNN fp32_precision setting (QMatmul then runs plain fp32)")
+    before = prec.fp32_precision
+    in0, in1, left0 = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first():  # in first, out first
+        with exact_int_matmul():
+            in0.set()
+            in1.wait(30)
+            seen.append(prec.fp32_precision)
+        left0.set()
+
+    def second():  # in second, out last: must not restore the bf16 it found on entry
+        in0.wait(30)
+        with exact_int_matmul():
+            in1.set()
+            left0.wait(30)
+            seen.append(prec.fp32_precision)  # the other thread has left: still bf16 while this one is inside
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert seen == ["bf16", "bf16"]
+    assert prec.fp32_precision == before
