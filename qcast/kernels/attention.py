@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import KernelImpl, KernelModule, input_meta, kernel_module
+from .base import KernelImpl, KernelModule, kernel_module, not_float_input
 from .registry import register
 
 
@@ -196,10 +196,7 @@ class SoftmaxKernel(KernelImpl):
         dim = _softmax_dim(node, ctx)
         if not isinstance(dim, int):
             return "softmax without an explicit integer dim has no int8 kernel"
-        meta = input_meta(node, ctx)
-        if meta is None or not meta.is_float:
-            return "its input is not a floating-point tensor"
-        return None
+        return not_float_input(node, ctx)
 
     @staticmethod
     def build(node, ctx):
@@ -260,10 +257,7 @@ class MaskedSoftmaxKernel(KernelImpl):
 
     @staticmethod
     def check(node, ctx):
-        meta = input_meta(node, ctx)
-        if meta is None or not meta.is_float:
-            return "its input is not a floating-point tensor"
-        return None
+        return not_float_input(node, ctx)
 
     @staticmethod
     def note(node, ctx):

@@ -47,6 +47,12 @@ def input_meta(node: fx.Node, ctx):
     return ctx.meta(node.args[0]) if node.args else None
 
 
+def not_float_input(node: fx.Node, ctx) -> str | None:
+    """Why a node's first argument rules out an int8 kernel: it is not a traced floating-point tensor (None: it is)."""
+    meta = input_meta(node, ctx)
+    return None if meta is not None and meta.is_float else "its input is not a floating-point tensor"
+
+
 class KernelModule(nn.Module):
     """Base of int8 kernel modules: ``spec()`` gives JSON-able config + tensors; ``from_spec`` rebuilds."""
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..nn import FusedConv
 from ..observers import quantize_weight
-from .base import KernelImpl, PackedKernelModule, kernel_module
+from .base import KernelImpl, PackedKernelModule, input_meta, kernel_module, not_float_input
 from .engines import REDUCE_RANGE, auto_order, engine_scope
 from .registry import register
 
@@ -182,10 +182,10 @@ class ConvKernel(KernelImpl):
             return f"padding_mode={conv.padding_mode!r} has no int8 kernel (only 'zeros')"
         if isinstance(conv, (nn.Conv1d, nn.Conv2d)) and isinstance(conv.padding, str):
             return f"padding={conv.padding!r} (string padding) has no int8 kernel; use explicit padding"
-        x = node.args[0]
-        meta = ctx.meta(x)
-        if meta is None or not meta.is_float:
-            return "its input is not a floating-point tensor"
+        reason = not_float_input(node, ctx)
+        if reason:
+            return reason
+        meta = input_meta(node, ctx)
         want = {"conv2d": 4, "conv1d": 3}.get(ctx.op(node))
         if want and len(meta.shape) != want:
             return f"{ctx.op(node)} on a rank-{len(meta.shape)} input has no int8 kernel (batched input expected)"

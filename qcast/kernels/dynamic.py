@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..nn import FusedConv
 from ..observers import weight_scales
 from ..smooth import Smooth
-from .base import KernelImpl, PackedKernelModule, kernel_module
+from .base import KernelImpl, PackedKernelModule, kernel_module, not_float_input
 from .engines import engine_scope
 from .registry import register
 
@@ -156,10 +156,7 @@ class LinearDynamicKernel(KernelImpl):
         got = _linear_and_act(node, ctx)
         if isinstance(got, str):
             return got
-        meta = ctx.meta(node.args[0]) if node.args else None
-        if meta is None or not meta.is_float:
-            return "its input is not a floating-point tensor"
-        return None
+        return not_float_input(node, ctx)
 
     @staticmethod
     def quant_inputs(node):

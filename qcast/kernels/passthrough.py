@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..capture import TensorMeta
-from .base import KernelImpl, KernelModule, input_meta, kernel_module
+from .base import KernelImpl, KernelModule, input_meta, kernel_module, not_float_input
 from .registry import register
 
 
@@ -111,9 +111,10 @@ class AverageKernel(Passthrough):
         if ctx.op(node) == "mean" and (node.kwargs.get("dtype") is not None
                                       or (len(node.args) > 3 and node.args[3] is not None)):
             return "mean with a dtype= argument has no int8 kernel"
+        reason = not_float_input(node, ctx)
+        if reason:
+            return reason
         meta = input_meta(node, ctx)
-        if meta is None or not meta.is_float:
-            return "its input is not a floating-point tensor"
         if ctx.op(node) == "adaptive_avg_pool" and len(meta.shape) not in (3, 4):
             return "pooling on this input rank has no int8 kernel"
         return None

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture import attr_at
-from .base import KernelImpl, KernelModule, PackedKernelModule, input_meta, kernel_module
+from .base import KernelImpl, KernelModule, PackedKernelModule, input_meta, kernel_module, not_float_input
 from .elementwise import QScalar
 from .registry import decline, register
 
@@ -197,13 +197,14 @@ class LayerNormKernel(KernelImpl):
         if src is not None:
             return (f"reads the residual stream ({_name(src)}), which stays float (see that row); runs in float and "
                     "the next int8 op quantizes its normalized output")
-        meta = input_meta(node, ctx)
-        if meta is None or not meta.is_float:
-            return "its input is not a floating-point tensor"
+        reason = not_float_input(node, ctx)
+        if reason:
+            return reason
         args = _ln_args(node, ctx)
         if isinstance(args, str):
             return args
         shape, weight, bias, _ = args
+        meta = input_meta(node, ctx)
         if tuple(meta.shape[len(meta.shape) - len(shape):]) != tuple(shape):
             return f"normalized_shape {shape} does not match the input's last dims {list(meta.shape)}"
         for what, t in (("weight", weight), ("bias", bias)):
