@@ -197,7 +197,6 @@ def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> d
 def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None) -> nn.Module:
     kind = spec["kind"]
     if kind == "kernel":
-        backends()  # the kernel classes register when their backend modules are imported
         cls = KERNEL_MODULES.get(spec["class"])
         if cls is None:
             raise FormatError(f"{path}: unknown int8 kernel {spec['class']!r} (saved by a newer qcast?)")
@@ -425,6 +424,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedMo
         raise FormatError(f"{path}: tensor data does not match its checksum; the file was modified or corrupted")
     allowed = {type(m).__module__ for m in model.modules()} if model is not None else set()
     root: dict[str, Any] = {}
+    backends()  # the kernel classes register when their backend modules are imported (KERNEL_MODULES)
     for target, spec in manifest["modules"].items():
         root[target] = _build_module(target, spec, tensors, model)
     for target, key in manifest["attrs"].items():
