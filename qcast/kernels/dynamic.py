@@ -209,7 +209,7 @@ def fuse_siblings(graph: fx.Graph, root: dict) -> int:
             stacked = QLinearDynamic(torch.cat([m.weight_int8 for m in mods]), torch.cat([m.weight_scale for m in mods]),
                                      bias, first.act, first.input_scale, [m.out_features for m in mods],
                                      [str(n.target) for n in same])
-            target = "qcast_k." + "_".join(n.target.replace(".", "_") for n in same[:1]) + f"__stack{len(same)}"
+            target = f"qcast_k.{same[0].target.replace('.', '_')}__stack{len(same)}"
             root[target] = stacked
             with graph.inserting_before(same[0]):
                 fused = graph.call_module(target, same[0].args)
