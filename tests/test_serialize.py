@@ -7,6 +7,7 @@ import torch
 
 import qcast
 from qcast.serialize import manifest_to_metadata, metadata_to_manifest
+from tests.helpers import run_isolated
 from tests.models import ZOO, flatten_output, randomize_bn_stats
 
 
@@ -207,9 +208,6 @@ class _TinyEncoder(torch.nn.Module):
 def test_a_fresh_process_loads_transformer_kernels(tmp_path):
     """load() must not depend on quantize() having imported the kernel modules first (it once raised
     'unknown int8 kernel QEmbedding' in a new process)."""
-    import subprocess
-    import sys
-
     torch.manual_seed(0)
     m = _TinyEncoder().eval()
     ids = [torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(s)) for s in range(4)]
@@ -221,14 +219,13 @@ def test_a_fresh_process_loads_transformer_kernels(tmp_path):
     with torch.no_grad():
         torch.save(q(x), tmp_path / "ref.pt")
     torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, torch, qcast\n"
+    code = ("import torch, qcast\n"
             f"q = qcast.load({str(path)!r})\n"
             f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
             f"ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
             "with torch.no_grad():\n"
             "    assert torch.equal(q(x), ref)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = run_isolated(code, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
 

@@ -97,9 +97,7 @@ def test_save_load_round_trip(minilm_int8, tmp_path):
 def test_a_fresh_process_loads_it_without_importing_transformers_first(minilm_int8, tmp_path):
     """The output type (BaseModelOutputWithPoolingAndCrossAttentions) is registered with pytree only once
     transformers.modeling_outputs is imported: load() imports it itself."""
-    import os
-    import subprocess
-    import sys
+    from tests.helpers import run_isolated
 
     tokenizer, _, qmodel = minilm_int8
     batch = minilm.encode(tokenizer, ["Loaded in another process."])
@@ -113,8 +111,7 @@ def test_a_fresh_process_loads_it_without_importing_transformers_first(minilm_in
             "    out = q(**io['batch'])\n"
             "assert type(out).__name__ == 'BaseModelOutputWithPoolingAndCrossAttentions', type(out)\n"
             "assert torch.equal(out.last_hidden_state, io['ref'])\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    done = run_isolated(code)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
