@@ -219,27 +219,22 @@ def run_model(name: str, args) -> Dict[str, Any]:
     mm = [r for r in rows if r.op in ("linear", "matmul", "bmm")]
     out: Dict[str, Any] = {"model": name, "note": bench.note, "quantize_s": quantize_s, "skip": list(args.skip),
                            "int8_linear_matmul": f"{sum(r.precision == 'int8' for r in mm)}/{len(mm)}"}
-    readout = bench.readout or (lambda o, x: o)
-    with torch.no_grad():
-        refs = [readout(_call(model, x), x) for x in evals]
-        outs = {k: [readout(_call(m, x), x) for x in evals] for k, m in (("qcast", qmodel), ("dynamic", dynamic))}
-        out["sqnr"] = {k: sqnr(refs, o) for k, o in outs.items()}
-        if bench.readout is not None:  # embeddings: cosine to float, mean and min over the sentences
-            cos = {k: torch.cat([(r * q).sum(-1) for r, q in zip(refs, o)]) for k, o in outs.items()}
-            out["cosine"] = {k: {"mean": float(c.mean()), "min": float(c.min())} for k, c in cos.items()}
     ort: Dict[str, Any] = {}
     if args.ort:
         with tempfile.TemporaryDirectory() as d:  # sessions hold their models in memory
             ort = _ort_candidates(model, calib, evals[0], d)
     out["ort_errors"] = {k: v for k, v in ort.items() if not callable(v)}
-    ort = {k: v for k, v in ort.items() if callable(v)}
+    # every candidate: input -> output shaped like the float model's (ORT gives its first output only)
+    runs = {"qcast": lambda x: _call(qmodel, x), "dynamic": lambda x: _call(dynamic, x),
+            **{k: (lambda x, f=f: (f(x),) if bench.readout else f(x)) for k, f in ort.items() if callable(f)}}
+    readout = bench.readout or (lambda o, x: o)
     with torch.no_grad():
-        for k, f in ort.items():
-            o = [readout((f(x),) if bench.readout else f(x), x) for x in evals]
-            out["sqnr"][k] = sqnr(refs, o)
-            if bench.readout is not None:
-                c = torch.cat([(r * q).sum(-1) for r, q in zip(refs, o)])
-                out["cosine"][k] = {"mean": float(c.mean()), "min": float(c.min())}
+        refs = [readout(_call(model, x), x) for x in evals]
+        outs = {k: [readout(run(x), x) for x in evals] for k, run in runs.items()}
+        out["sqnr"] = {k: sqnr(refs, o) for k, o in outs.items()}
+        if bench.readout is not None:  # embeddings: cosine to float, mean and min over the sentences
+            cos = {k: torch.cat([(r * q).sum(-1) for r, q in zip(refs, o)]) for k, o in outs.items()}
+            out["cosine"] = {k: {"mean": float(c.mean()), "min": float(c.min())} for k, c in cos.items()}
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.qcast")
         qcast.save(qmodel, path)
@@ -248,8 +243,7 @@ def run_model(name: str, args) -> Dict[str, Any]:
     out["latency_ms"] = {}
     for b in args.batch:
         (x,) = [bench.inputs(b, 9000)]
-        fns = {"fp32": lambda: _call(model, x), "qcast": lambda: _call(qmodel, x), "dynamic": lambda: _call(dynamic, x),
-               **{k: (lambda f=f: f(x)) for k, f in ort.items()}}
+        fns = {"fp32": lambda: _call(model, x), **{k: (lambda run=run: run(x)) for k, run in runs.items()}}
         stats = latency_stats_quiet(fns, n=args.n, warmup=args.warmup, wait_s=args.wait,
                                     log=lambda s: print(s, file=sys.stderr))
         out["latency_ms"][b] = {k: {"median": v["median"], "p10": v["p10"], "p90": v["p90"]} for k, v in stats.items()}
