@@ -15,6 +15,7 @@ import inspect
 import linecache
 import numbers
 import operator
+import os
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -147,12 +148,20 @@ class QcastTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+#: the installed packages whose frames are never the user's code: qcast itself and torch, by where they are
+#: installed (not by a substring of the path: a user's own project may well live in a folder called "qcast")
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+
+def _is_library_frame(filename: str) -> bool:
+    return filename.startswith("<") or os.path.abspath(filename).startswith(_LIBRARY_DIRS)
+
+
 def _user_frame(exc: BaseException) -> str:
     """file:line and source of the innermost frame of the user's code in an exception's traceback."""
     best = ""
     for frame in traceback.extract_tb(exc.__traceback__):
-        fn = frame.filename.replace("\\", "/")
-        if "/torch/" in fn or "/qcast/" in fn or fn.startswith("<"):
+        if _is_library_frame(frame.filename):
             continue
         line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
         best = f"{frame.filename}:{frame.lineno} `{line}`"

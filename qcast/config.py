@@ -7,7 +7,9 @@ Unknown keys are an error, never silently ignored; so is a pattern that matches 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
+import functools
 import json
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -15,7 +17,6 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-ESTIMATORS = ("minmax", "ema", "percentile", "mse", "kl")
 WEIGHT_SCHEMES = ("int8",)
 ACTIVATION_SCHEMES = ("auto", "int8", "float", "dynamic")
 ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
@@ -24,15 +25,30 @@ ROUNDINGS = ("auto", "nearest", "adaround")
 OVERRIDE_KEYS = ("activation", "calibration", "engine", "weight_bits", "rounding", "smoothquant")
 
 
+def estimators() -> tuple[str, ...]:
+    """The range estimators ``calibration=`` accepts: the built-ins and any registered with
+    ``qcast.observers.register_estimator`` (looked up when a config is made, so registering first is enough)."""
+    from .observers import ESTIMATORS
+    return tuple(ESTIMATORS)
+
+
+def _check_keys(keys, known, what: str = "QuantConfig") -> None:
+    """ConfigError for keys not in ``known``, with the known keys and the close matches of each unknown one."""
+    unknown = sorted(set(keys) - set(known))
+    if not unknown:
+        return
+    hints = [f"{k!r} -> did you mean {' or '.join(map(repr, m))}?" for k in unknown
+             if (m := difflib.get_close_matches(k, sorted(known), n=2))]
+    raise ConfigError(f"unknown {what} key(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+                      + f"; known keys: {sorted(known)}")
+
+
 def _freeze_overrides(per_layer: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
     out = {}
     for glob, over in dict(per_layer).items():
         if not isinstance(over, Mapping):
             raise ConfigError(f"per_layer[{glob!r}] must be a mapping of overrides, got {type(over).__name__}")
-        unknown = set(over) - set(OVERRIDE_KEYS)
-        if unknown:
-            raise ConfigError(
-                f"per_layer[{glob!r}] has unknown key(s) {sorted(unknown)}; allowed: {list(OVERRIDE_KEYS)}")
+        _check_keys(over, OVERRIDE_KEYS, f"per_layer[{glob!r}]")
         out[str(glob)] = MappingProxyType(dict(over))
     return MappingProxyType(out)
 
@@ -54,8 +70,8 @@ class QuantConfig:
         activation: activation scheme: ``"auto"`` (default: static calibrated int8, except linear layers on token
             sequences, inputs of 3+ dims, which quantize per token at run time), ``"int8"`` (static everywhere),
             ``"dynamic"`` (every linear per token, ``qcast/kernels/dynamic.py``; other ops static) or ``"float"``.
-        calibration: range estimator for activations: ``minmax``, ``ema``, ``percentile``, ``mse``,
-            ``kl`` (entropy calibration).
+        calibration: range estimator for activations: ``minmax``, ``ema``, ``percentile``, ``mse`` (default),
+            ``kl`` (entropy calibration), or a name registered with ``qcast.observers.register_estimator``.
         percentile: the percentile used by the ``percentile`` estimator.
         engine: int8 engine for conv/linear: ``auto`` (chosen per layer, accuracy first), or a fixed one.
         per_layer: mapping glob/op -> overrides of ``activation``, ``calibration``, ``engine``.
@@ -99,14 +115,14 @@ class QuantConfig:
         object.__setattr__(self, "per_layer", _freeze_overrides(self.per_layer))
         self._check("weight", self.weight, WEIGHT_SCHEMES)
         self._check("activation", self.activation, ACTIVATION_SCHEMES)
-        self._check("calibration", self.calibration, ESTIMATORS)
+        self._check("calibration", self.calibration, estimators())
         self._check("engine", self.engine, ENGINES)
         self._check("rounding", self.rounding, ROUNDINGS)
         self._check_bits("weight_bits", self.weight_bits)
         if isinstance(self.adaround_iters, bool) or not isinstance(self.adaround_iters, int) or self.adaround_iters < 1:
             raise ConfigError(f"QuantConfig.adaround_iters must be a positive integer, got {self.adaround_iters!r}")
         for glob, over in self.per_layer.items():
-            for key, allowed in (("activation", ACTIVATION_SCHEMES), ("calibration", ESTIMATORS), ("engine", ENGINES)):
+            for key, allowed in (("activation", ACTIVATION_SCHEMES), ("calibration", estimators()), ("engine", ENGINES)):
                 if key in over:
                     self._check(f"per_layer[{glob!r}].{key}", over[key], allowed)
             if "rounding" in over:
@@ -133,7 +149,8 @@ class QuantConfig:
     @staticmethod
     def _check(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
-            raise ConfigError(f"QuantConfig.{name}={value!r} is not one of {list(allowed)}")
+            hint = " (or a name registered with qcast.observers.register_estimator)" if name.endswith("calibration") else ""
+            raise ConfigError(f"QuantConfig.{name}={value!r} is not one of {list(allowed)}{hint}")
 
     @staticmethod
     def _check_bits(name: str, value: Any) -> None:
@@ -196,10 +213,6 @@ class QuantConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
         if not isinstance(data, Mapping):
             raise ConfigError(f"QuantConfig data must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown QuantConfig key(s) {sorted(unknown)}; known keys: {sorted(known)}")
         return cls(**dict(data))
 
     @classmethod
@@ -211,10 +224,7 @@ class QuantConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "QuantConfig":
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise ConfigError(f"unknown QuantConfig key(s) {sorted(unknown)}; known keys: {sorted(known)}")
+        _check_keys(changes, {f.name for f in dataclasses.fields(self)})
         return dataclasses.replace(self, **changes)
 
     def __repr__(self) -> str:
@@ -230,3 +240,16 @@ class QuantConfig:
             elif v != f.default:
                 parts.append(f"{f.name}={v!r}")
         return "QuantConfig(" + ", ".join(parts) + ")"
+
+
+def _checked_init(init):
+    """QuantConfig(calibraton="mse") is the same ConfigError (known keys, close matches) as the typo in a dict or
+    JSON config, not Python's TypeError for an unexpected keyword."""
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        _check_keys(kwargs, {f.name for f in dataclasses.fields(QuantConfig)})
+        init(self, *args, **kwargs)
+    return __init__
+
+
+QuantConfig.__init__ = _checked_init(QuantConfig.__init__)

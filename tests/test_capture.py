@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import textwrap
 
 import pytest
 import torch
@@ -97,6 +98,52 @@ def test_top_level_control_flow_is_a_capture_error():
     assert "TopLevelBranch" in msg and "control flow" in msg
     assert "if x.sum() > 0" in msg  # the offending line
     assert "submodule" in msg  # and what to do about it
+
+
+def test_user_code_in_a_folder_named_qcast_is_still_the_users(tmp_path, monkeypatch):
+    """qcast's own frames are recognised by where the package is installed, not by '/qcast/' in a path: a user whose
+    project lives in a folder called qcast (what `git clone` of this repository makes) still sees their own line."""
+    home = tmp_path / "qcast" / "mymodels"
+    home.mkdir(parents=True)
+    (home / "branchy_net.py").write_text(textwrap.dedent("""
+        import torch, torch.nn as nn
+
+        class Gate(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 3, 1)
+
+            def forward(self, x):
+                if x.mean() > 0:  # the user's own data-dependent branch
+                    return self.conv(x)
+                return -x
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.gate, self.head = Gate(), nn.Conv2d(3, 4, 3)
+
+            def forward(self, x):
+                return self.head(self.gate(x))
+
+        class Root(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3)
+
+            def forward(self, x):
+                if x.sum() > 0:  # top-level branch
+                    return self.conv(x)
+                return self.conv(-x)
+    """))
+    monkeypatch.syspath_prepend(str(home))
+    import branchy_net
+    assert "/qcast/" in branchy_net.__file__.replace("\\", "/")
+    qmodel = qcast.quantize(branchy_net.Net().eval(), [torch.randn(1, 3, 8, 8)], progress=False)
+    gate = {r.name: r for r in qcast.explain(qmodel)}["gate"]
+    assert "branchy_net.py" in gate.reason and "if x.mean() > 0" in gate.reason, gate.reason
+    with pytest.raises(CaptureError, match="if x.sum\\(\\) > 0"):
+        qcast.prepare(branchy_net.Root().eval(), torch.randn(1, 3, 8, 8))
 
 
 def test_prepare_raises_the_same_capture_error():

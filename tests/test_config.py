@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 
 import pytest
 import torch
@@ -222,3 +223,63 @@ def test_pattern_naming_a_layer_inside_an_uncaptured_region_is_accepted():
     model, input_fn = build_zoo("user_unet")  # 'gate' cannot be captured; explain() lists gate.conv_pos
     observed = qcast.prepare(model, input_fn(batch=1, seed=0), QuantConfig(skip=["gate.conv_pos"]))
     assert observed.qcast_opaque and "gate" in observed.qcast_opaque
+
+
+# ------------------------------------------------------------------------------------------------
+# a typo is the same ConfigError however the config is written; estimators come from the registry
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("call", [
+    lambda: QuantConfig(calibraton="mse"),
+    lambda: QuantConfig.from_dict({"calibraton": "mse"}),
+    lambda: QuantConfig.from_json('{"calibraton": "mse"}'),
+    lambda: QuantConfig().replace(calibraton="mse"),
+], ids=["keyword", "dict", "json", "replace"])
+def test_a_typo_in_a_key_is_the_same_config_error_with_the_close_match(call):
+    with pytest.raises(ConfigError) as e:
+        call()
+    msg = str(e.value)
+    assert "'calibraton'" in msg and "did you mean 'calibration'" in msg and "known keys" in msg, msg
+
+
+def test_a_typo_in_a_per_layer_key_suggests_the_close_match():
+    with pytest.raises(ConfigError, match="did you mean 'weight_bits'"):
+        QuantConfig(per_layer={"fc": {"weight_bit": 4}})
+
+
+@pytest.fixture
+def pow2_estimator():
+    """A user's estimator, registered for one test: min/max widened to a power-of-two scale."""
+    from qcast.observers import ESTIMATORS, MinMaxObserver, QParams, register_estimator
+
+    @register_estimator("pow2")
+    class Pow2Observer(MinMaxObserver):
+        def qparams(self):
+            qp = super().qparams()
+            scale = 2.0 ** math.ceil(math.log2(qp.scale))
+            zp = int(round(-min(self.min_val, 0.0) / scale))
+            return QParams(scale=scale, zero_point=min(max(zp, qp.qmin), qp.qmax), qmin=qp.qmin, qmax=qp.qmax)
+
+    yield "pow2"
+    del ESTIMATORS["pow2"]
+
+
+def test_a_registered_estimator_is_accepted_and_used(pow2_estimator):
+    config = QuantConfig(calibration=pow2_estimator, per_layer={"fc": {"calibration": "pow2"}})
+    assert QuantConfig.from_json(config.to_json()) == config
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    calib = [torch.randn(2, 3, 8, 8) for _ in range(4)]
+    observed = qcast.prepare(model, calib[0], QuantConfig(calibration="pow2"))
+    qcast.calibrate(observed, calib, progress=False)
+    scales = [obs.qparams().scale for _, obs in observed.observers()]
+    assert scales and all(math.log2(s) == round(math.log2(s)) for s in scales), scales
+    qmodel = qcast.convert(observed)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert sqnr(model(x), qmodel(x)) >= 20.0
+
+
+def test_an_unregistered_estimator_says_how_to_register_one():
+    with pytest.raises(ConfigError, match="register_estimator") as e:
+        QuantConfig(calibration="pow2")
+    assert "'mse'" in str(e.value)
