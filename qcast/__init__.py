@@ -3,6 +3,8 @@
 >>> qmodel = qcast.quantize(model, calibration_data)
 >>> for row in qcast.explain(qmodel): print(row)
 """
+import warnings as _warnings
+
 from .accuracy import AccuracySearch, SearchStep
 from .api import quantize
 from .calibrate import CalibrationSummary, calibrate
@@ -14,6 +16,12 @@ from .prepare import ObservedModel, prepare
 from .quantized import OpInfo, QuantizedModel, explain
 from .serialize import load, save
 from .report import SensitivityReport, compare, sensitivity
+
+#: PyTorch 2.13 deprecates creating quantized tensors (pytorch/pytorch#184982), which the torch backend does by design
+#: (docs/design.md, known limits). The notice is silenced where qcast's own code triggers it (torch warns once per
+#: process, attributed to the calling line), not for the user's own calls.
+_TORCH_QTENSOR_NOTICE = "torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation"
+_warnings.filterwarnings("ignore", message=_TORCH_QTENSOR_NOTICE, category=UserWarning, module=r"qcast(\.|$)")
 
 __version__ = "0.1.0"
 

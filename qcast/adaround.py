@@ -364,12 +364,19 @@ def rounded_weights(observed) -> tuple[dict[str, torch.Tensor], AdaRoundReport |
     weights, rows = {}, []
     try:
         for i, (target, bits) in enumerate(todo.items()):
+            name = names.get(target, target)
+            if bar is not None:  # which layer it is on now, and what the last one cost (rounding='nearest': ~0 s)
+                last = f"; {rows[-1].layer} took {rows[-1].seconds:.1f} s, {rows[-1].gain_db:+.1f} dB" if rows else ""
+                bar.set_postfix_str(f"{name} ({bits}-bit, {config.adaround_iters} steps){last}")
             w, row = adaround_weight(layers[target].weight, store[target].rows, bits, config.adaround_iters, seed=i,
-                                     name=names.get(target, target))
+                                     name=name)
             weights[target] = w
             rows.append(row)
             if bar is not None:
-                bar.set_postfix_str(f"{row.layer}: {row.gain_db:+.1f} dB")
+                if len(rows) == len(todo):
+                    slowest = max(rows, key=lambda r: r.seconds)
+                    bar.set_postfix_str(f"{row.layer} took {row.seconds:.1f} s, {row.gain_db:+.1f} dB; slowest "
+                                        f"{slowest.layer} {slowest.seconds:.1f} s")
                 bar.update(1)
     finally:
         if bar is not None:
@@ -390,4 +397,6 @@ def _progress(total: int, enabled: bool):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc="qcast adaround", unit="layer", leave=False, file=sys.stderr)
+    # the bar stays on screen: AdaRound is the one step that takes minutes (rounding='nearest' skips it)
+    return tqdm(total=total, desc="qcast adaround (rounding='nearest' skips it)", unit="layer", leave=True,
+                file=sys.stderr)

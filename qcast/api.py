@@ -1,6 +1,7 @@
 """quantize(): the whole pipeline, readable top to bottom: prepare -> calibrate -> convert."""
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any, Callable
 
@@ -17,7 +18,8 @@ from .quantized import QuantizedModel
 
 def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | dict | None = None,
              input_fn: Callable | None = None, num_batches: int | None = None, eval_fn: Callable | None = None,
-             max_drop: float | None = None, backend: str = "torch", progress: bool = True) -> QuantizedModel:
+             max_drop: float | None = None, backend: str = "torch", progress: bool = True,
+             check_speed: bool = True) -> QuantizedModel:
     """Return an int8 copy of ``model`` calibrated on ``calibration_data``; ``model`` itself is untouched.
 
     Calibration items: Tensor -> ``model(t)``; tuple/list -> ``model(*item)``; dict -> ``model(**item)``.
@@ -28,6 +30,10 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
     metric's units), layers are kept in float, fewest first, guided by sensitivity, until
     ``eval_fn(qmodel) >= eval_fn(model) - max_drop``; every step is in ``qmodel.qcast_meta["accuracy_search"]``
     (see ``qcast.accuracy``). If even all candidates in float miss the target, a warning and the best model found.
+
+    ``check_speed``: time the float and the int8 model on the first calibration batch (interleaved, bounded to about
+    half a second, ``qcast.report.speed``); a ``SlowerThanFloatWarning`` with the figures and what to try when int8
+    is slower. The figures are in ``qmodel.qcast_meta["speed"]``.
     """
     if eval_fn is not None or max_drop is not None:
         from .accuracy import check_accuracy_args
@@ -51,8 +57,16 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
     if eval_fn is not None:
         from .accuracy import accuracy_aware
         # every search step re-calibrates on the same batches: keep them (a generator is consumed once)
-        return accuracy_aware(model, [first, *calls], config, backend, eval_fn, max_drop, progress)
-    qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total)
+        qmodel = accuracy_aware(model, [first, *calls], config, backend, eval_fn, max_drop, progress)
+    else:
+        qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total)
+    if check_speed:
+        from .report.speed import speed_check, warn_if_slower
+        # the user's model is only ever run in eval mode (a training-mode BatchNorm would update its statistics)
+        float_model = copy.deepcopy(model).eval() if model.training else model
+        speed = speed_check(float_model, qmodel, args, kwargs, describe(args, kwargs))
+        qmodel.qcast_meta["speed"] = speed.to_dict()
+        warn_if_slower(speed)
     return qmodel
 
 

@@ -1,11 +1,11 @@
 """qcast command line: a thin layer over the Python API.
 
     qcast demo                                  quantize the bundled digits CNN, print size/latency/fidelity/layers
-    qcast quantize MODULE:FACTORY --calib PATH --out FILE
+    qcast quantize MODULE:FACTORY --calib PATH --out FILE [--engine qnnpack]
     qcast explain FILE [--model MODULE:FACTORY]
     qcast report FILE --model MODULE:FACTORY --inputs PATH [--json OUT] [--html OUT]
     qcast sensitivity MODULE:FACTORY --calib PATH [--mode float_one|quantize_one] [--json OUT]
-    qcast ops                                   the supported-op table, from the kernel registry
+    qcast ops [--engine qnnpack]                the supported-op table, from the kernel registry
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import sys
 import time
 import warnings
 
-from .errors import QcastError
+from . import _TORCH_QTENSOR_NOTICE
+from .errors import FormatError, QcastError
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
 
@@ -58,21 +59,39 @@ def _rows_table(rows) -> str:
 
 
 def cmd_ops(args) -> int:
-    from .kernels import kernels
+    from .config import ENGINES
+    from .kernels import backends, kernels
+    from .kernels.engines import available
+    if args.backend is not None and args.backend not in backends():
+        hint = (f"; {args.backend!r} is an int8 engine of the torch backend: qcast ops --engine {args.backend}"
+                if args.backend in ENGINES else "")
+        raise QcastError(f"unknown backend {args.backend!r}; backends: {backends()}{hint}")
     rows = kernels(args.backend)
-    print(f"{'op':<20} {'backend':<8} {'kind':<12} {'engines':<14} notes")
+    if args.engine is not None:
+        if args.engine not in available():
+            raise QcastError(f"int8 engine {args.engine!r} is not in this PyTorch build; its engines: {available()}")
+        rows = [k for k in rows if args.engine in k.engines or "native" in k.engines]
+    print(f"{'op':<20} {'backend':<8} {'kind':<12} {'engines':<28} notes")
     for k in rows:
-        print(f"{k.op:<20} {k.backend:<8} {k.kind:<12} {','.join(k.engines):<14} {k.notes}")
-    print(f"\n{len(rows)} int8 ops. Every other op runs in float with dequantize/quantize inserted around it, "
-          "and qcast.explain() says so per op.")
+        print(f"{k.op:<20} {k.backend:<8} {k.kind:<12} {','.join(k.engines):<28} {k.notes}")
+    where = f" on engine {args.engine}" if args.engine else ""
+    print(f"\n{len(rows)} int8 ops{where} ('native': the op's kernel runs on whichever engine is in use). Every other "
+          "op runs in float with dequantize/quantize inserted around it, and qcast.explain() says so per op.")
     return 0
+
+
+def _config(args):
+    """--config (a JSON file) with --engine on top."""
+    import qcast
+    config = qcast.QuantConfig.from_json(open(args.config).read()) if args.config else qcast.QuantConfig()
+    return config.replace(engine=args.engine) if args.engine else config
 
 
 def cmd_quantize(args) -> int:
     import qcast
     model = _load_factory(args.model)
     calib = _load_tensors(args.calib)
-    config = qcast.QuantConfig.from_json(open(args.config).read()) if args.config else None
+    config = _config(args)
     t = time.perf_counter()
     qmodel = qcast.quantize(model, calib, config=config, num_batches=args.num_batches)
     qcast.save(qmodel, args.out)
@@ -81,17 +100,29 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _load_saved(path: str, model):
+    """qcast.load, with the command line's fix when the file needs the float model."""
+    import qcast
+    try:
+        return qcast.load(path, model=model)
+    except FormatError as e:
+        if getattr(e, "needs_model", None) and model is None:
+            raise QcastError(f"{e.needs_model}: give the float model's factory, qcast explain {path} --model "
+                             "MODULE:FACTORY (e.g. mypkg.models:build, importable from this folder)") from None
+        raise
+
+
 def cmd_explain(args) -> int:
     import qcast
     model = _load_factory(args.model) if args.model else None
-    print(_rows_table(qcast.explain(qcast.load(args.file, model=model))))
+    print(_rows_table(qcast.explain(_load_saved(args.file, model))))
     return 0
 
 
 def cmd_report(args) -> int:
     import qcast
     model = _load_factory(args.model)
-    qmodel = qcast.load(args.file, model=model)
+    qmodel = _load_saved(args.file, model)
     report = qcast.compare(model, qmodel, _load_tensors(args.inputs))
     print(report.table(args.limit))
     if args.json:
@@ -105,7 +136,7 @@ def cmd_report(args) -> int:
 def cmd_sensitivity(args) -> int:
     import qcast
     model = _load_factory(args.model)
-    config = qcast.QuantConfig.from_json(open(args.config).read()) if args.config else None
+    config = _config(args)
     report = qcast.sensitivity(model, _load_tensors(args.calib), config=config, mode=args.mode,
                                num_batches=args.num_batches)
     print(report.table(args.limit))
@@ -118,6 +149,13 @@ def cmd_sensitivity(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(out=args.out)
+
+
+def _engine_flag(p) -> None:
+    from .config import ENGINES
+    p.add_argument("--engine", choices=ENGINES, default=None,
+                   help="int8 engine for conv/linear (QuantConfig.engine): auto (default) picks the first that runs "
+                        "each layer; qnnpack is PyTorch's engine on ARM (Raspberry Pi, Jetson CPUs, phones)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="where to write the int8 model (.qcast)")
     q.add_argument("--config", help="QuantConfig as a JSON file")
     q.add_argument("--num-batches", type=int, default=None)
+    _engine_flag(q)
     q.set_defaults(fn=cmd_quantize)
     e = sub.add_parser("explain", help="per-op table of a saved int8 model")
     e.add_argument("file")
@@ -154,20 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-batches", type=int, default=None)
     s.add_argument("--limit", type=int, default=20)
     s.add_argument("--json")
+    _engine_flag(s)
     s.set_defaults(fn=cmd_sensitivity)
     o = sub.add_parser("ops", help="the supported-op table (from the kernel registry)")
-    o.add_argument("--backend", default=None)
+    o.add_argument("--backend", default=None, help="only the ops of this backend (torch)")
+    o.add_argument("--engine", default=None, help="only the ops that run int8 on this engine (onednn, x86, fbgemm, "
+                   "qnnpack)")
     o.set_defaults(fn=cmd_ops)
     return p
 
 
-#: PyTorch 2.13 deprecates creating quantized tensors (pytorch/pytorch#184982), which the torch backend does by
-#: design (docs/design.md, known limits); the command line does not repeat that notice on every run
-_TORCH_QTENSOR_NOTICE = "torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the command line runs only qcast's own code: PyTorch's quantized-tensor deprecation notice (qcast/__init__.py)
+    # is silenced wherever it is attributed
     warnings.filterwarnings("ignore", message=_TORCH_QTENSOR_NOTICE, category=UserWarning)
     try:
         return args.fn(args)

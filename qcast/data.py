@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .errors import CalibrationError, InputError
+from .errors import WHERE_IT_RUNS, CalibrationError, InputError
 
 
 def as_call(item: Any, what: str = "input") -> tuple[tuple, dict]:
@@ -42,7 +42,7 @@ def check_finite(args: tuple, kwargs: dict, where: str) -> None:
             raise CalibrationError(f"{where}: input{path} contains {bad} NaN/Inf value(s); calibration needs finite "
                                    "data (clean or drop this batch)")
         if t.device.type != "cpu":
-            raise InputError(f"{where}: input{path} is on {t.device}; qcast's torch backend runs on CPU: pass CPU tensors")
+            raise InputError(f"{where}: input{path} is on {t.device}. {WHERE_IT_RUNS}")
 
 
 def iter_calls(data: Any, input_fn: Callable | None = None, num_batches: int | None = None) -> Iterator[tuple[tuple, dict]]:

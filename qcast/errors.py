@@ -17,6 +17,12 @@ Messages always name the layer (module path) or argument concerned, and say what
 from __future__ import annotations
 
 
+#: what runs where, said the same way by every error about a device (docs/design.md, "What runs where")
+WHERE_IT_RUNS = ("qcast's int8 models run on the CPU: PyTorch's int8 kernels are CPU-only (x86: onednn/x86/fbgemm; "
+                 "ARM: qnnpack, QuantConfig(engine='qnnpack')). Quantize a CPU copy of the model and run it on CPU "
+                 "tensors; training on CUDA comes with quantization-aware training (on the roadmap)")
+
+
 class QcastError(Exception):
     """Base class of every error raised by qcast."""
 
@@ -54,6 +60,6 @@ class FormatError(QcastError):
 
 
 __all__ = [
-    "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
+    "WHERE_IT_RUNS", "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
     "NotCalibratedError", "UnsupportedError", "EvalError", "FormatError",
 ]

@@ -15,7 +15,7 @@ from . import passes
 from .capture import MODULE_OPS, bind_inputs, capture, is_float_tensor, propagate_shapes, remove_stubs
 from .config import QuantConfig
 from .data import as_call, check_finite
-from .errors import CaptureError, ConfigError, UnsupportedError
+from .errors import WHERE_IT_RUNS, CaptureError, ConfigError, UnsupportedError
 from .kernels.engines import REDUCE_RANGE
 from .observers import FixedQParamsObserver, Observer, make_observer
 from .plan import Ctx, is_int8, plan_graph
@@ -57,8 +57,7 @@ def check_model(model: Any) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type != "cpu":
             raise UnsupportedError(
-                f"'{name}' is on {t.device}: the torch backend runs int8 on CPU only (a CUDA backend is on the "
-                "roadmap). Quantize a CPU copy: qcast.quantize(copy.deepcopy(model).cpu(), data)")
+                f"'{name}' is on {t.device}. {WHERE_IT_RUNS}: qcast.quantize(copy.deepcopy(model).cpu(), data)")
 
 
 def placeholder_values(gm: fx.GraphModule, names: list[str], values: list[Any]) -> list[Any]:

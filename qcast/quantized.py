@@ -1,13 +1,15 @@
 """The quantized representation (QDQ graph) and the executable int8 model a backend lowers it to."""
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import InputError, QcastError
+from .errors import WHERE_IT_RUNS, InputError, QcastError, UnsupportedError
 from .observers import QParams
 
 
@@ -56,24 +58,59 @@ class QuantizedModel(nn.Module):
         self.eval()
 
     def forward(self, *args, **kwargs):
+        _check_inputs(args, kwargs)
         try:
-            return self.graph_module(*args, **kwargs)
+            # forward, not __call__: GraphModule.__call__ prints its generated code's traceback to stderr on any
+            # error, before qcast's own InputError says what went wrong
+            return self.graph_module.forward(*args, **kwargs)
         except QcastError:
             raise
         except Exception as e:  # noqa: BLE001 - turned into an error that names the layer
             raise self._diagnose(args, kwargs, e) from e
 
+    # -- moving the model: int8 kernels live on the CPU, and their packed weights cannot be cast --------------------
+    def to(self, *args, **kwargs):
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and torch.device(device).type != "cpu":
+            self._refuse(f"to({torch.device(device)})")
+        if dtype is not None and dtype != torch.float32:
+            raise UnsupportedError(f"qmodel.to({dtype}): the int8 model takes and returns float32 tensors; its "
+                                   "weights are int8 already. Keep it as it is and cast its outputs if needed")
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None):
+        self._refuse(f"cuda({'' if device is None else device})")
+
+    def xpu(self, device=None):
+        self._refuse(f"xpu({'' if device is None else device})")
+
+    def half(self):
+        return self.to(torch.float16)
+
+    def bfloat16(self):
+        return self.to(torch.bfloat16)
+
+    def double(self):
+        return self.to(torch.float64)
+
+    @staticmethod
+    def _refuse(call: str):
+        raise UnsupportedError(f"qmodel.{call}: {WHERE_IT_RUNS}.")
+
     def _diagnose(self, args, kwargs, original: Exception) -> QcastError:
+        """The InputError for a call that failed inside the graph: the op site it failed at, and what it expected
+        (a kernel's own ``input_mismatch``: channels, features) in place of the engine's message where it can."""
         from .data import describe, tensors_in
 
         for path, t in tensors_in((args, kwargs)):
             if t.device.type != "cpu":
-                return InputError(f"input{path} is on {t.device}; this int8 model runs on CPU: pass CPU tensors")
-        failing = {"node": None}
+                return InputError(f"input{path} is on {t.device}. {WHERE_IT_RUNS}: pass x.cpu()")
+        failing: dict = {"node": None, "args": ()}
 
         class _Find(fx.Interpreter):
             def run_node(self, n):
                 failing["node"] = n
+                failing["args"], _ = self.fetch_args_kwargs_from_env(n)
                 return super().run_node(n)
 
         try:
@@ -84,15 +121,56 @@ class QuantizedModel(nn.Module):
         where = n.meta.get("qcast_name", n.name) if n is not None else "the model"
         op = n.meta.get("qcast_op", "") if n is not None else ""
         calib = self.qcast_meta.get("example_input", "")
+        first = failing["args"][0] if failing["args"] else None
+        if n is not None and n.target is torch.quantize_per_tensor and isinstance(first, torch.Tensor) \
+                and first.dtype != torch.float32:
+            return InputError(f"the input {describe(args, kwargs)} reaches an int8 op as {first.dtype}: the model was "
+                              f"calibrated with {calib or 'float32 inputs'} and quantizes float32 values. Pass "
+                              "x.float() (token ids and masks stay integer where the model itself reads them)")
+        check = getattr(attr_or_none(self.graph_module, n.target), "input_mismatch", None) \
+            if n is not None and n.op == "call_module" else None
+        detail = check(*failing["args"]) if check is not None else None
+        if detail is None:
+            detail = f"{type(original).__name__}: {str(original).splitlines()[0] if str(original) else ''}"
         return InputError(
-            f"the input {describe(args, kwargs)} does not fit the model at {where}"
-            + (f" ({op})" if op else "") + f": {type(original).__name__}: {str(original).splitlines()[0] if str(original) else ''}."
-            + (f" The model was prepared with {calib}; other batch sizes and spatial sizes are fine, but rank, "
-               "channels and dtype must match." if calib else ""))
+            f"the input {describe(args, kwargs)} does not fit the model at {where}" + (f" ({op})" if op else "")
+            + f": {detail}." + (f" The model was prepared with {calib}; other batch sizes are fine, and other spatial "
+                                "sizes or sequence lengths unless a layer's width depends on them (a flatten before a "
+                                "linear), but rank, channels and dtype must match." if calib else ""))
 
     def extra_repr(self) -> str:
         n8 = sum(r.precision == "int8" for r in self.qcast_records)
         return f"qcast int8 model: {n8}/{len(self.qcast_records)} ops int8, backend={self.qcast_meta.get('backend')}"
+
+
+def attr_or_none(root: nn.Module, target: str):
+    try:
+        return root.get_submodule(target)
+    except AttributeError:
+        return None
+
+
+def _check_inputs(args: tuple, kwargs: dict) -> None:
+    """InputError for an input on another device than the CPU, or with a NaN/Inf: int8 kernels have no NaN, so the
+    int8 model would hide what the float model shows (NaN out). One sum per floating-point input tensor (finite sum =>
+    finite data); the exact count only when the sum is not finite. Measured in docs/design.md: ~0.2% of a
+    MobileNetV2 call at batch 1."""
+    for key, t in itertools.chain(enumerate(args), kwargs.items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.device.type != "cpu":
+            raise InputError(f"input {key!r} is on {t.device}. {WHERE_IT_RUNS}: pass x.cpu()")
+        if t.is_floating_point() and not math.isfinite(t.sum().item()):
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):  # (a sum can overflow to inf on finite data)
+                where = f"input {key!r}" if isinstance(key, str) else f"input {key}"
+                rows = bad.flatten(1).any(1).nonzero().flatten().tolist() if t.dim() > 1 else []
+                raise InputError(
+                    f"{where} (Tensor{list(t.shape)}) contains {int(bad.sum())} NaN/Inf value(s)"
+                    + (f" in batch row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''}" if rows else "")
+                    + ". The float model would return NaN/Inf here; int8 kernels cannot represent them and would "
+                    "return finite numbers instead, so qcast stops: clean or drop these inputs (torch.nan_to_num, "
+                    "or torch.isfinite(x) to find them)")
 
 
 def explain(qmodel) -> list[OpInfo]:

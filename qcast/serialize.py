@@ -114,6 +114,14 @@ def _fn_name(fn) -> str:
     return f"{mod}:{fn.__qualname__}"
 
 
+def _model_needed(what: str) -> FormatError:
+    """The FormatError for a file that needs the float model to load; ``.needs_model`` holds ``what`` so the command
+    line can say its own fix (``--model MODULE:FACTORY``)."""
+    err = FormatError(f"{what}: pass the float model so qcast can use it, qcast.load(path, model=model)")
+    err.needs_model = what
+    return err
+
+
 def _resolve_fn(name: str, allowed_modules: set[str]):
     if name.startswith("builtins."):
         import builtins
@@ -125,8 +133,7 @@ def _resolve_fn(name: str, allowed_modules: set[str]):
             raise FormatError(f"the saved graph calls torch.ops.{qual}, outside {_SAFE_OP_NAMESPACES}: refusing to load")
         return getattr(getattr(getattr(torch.ops, namespace), op), overload)
     if not (mod_name.split(".")[0] in _SAFE_MODULE_PREFIXES or mod_name in allowed_modules):
-        raise FormatError(f"the saved graph calls {name}, which is your own code: pass the float model, "
-                          "qcast.load(path, model=model), so qcast can use it")
+        raise _model_needed(f"the saved graph calls {name}, which is your own code")
     obj = importlib.import_module(mod_name)
     for part in qual.split("."):
         obj = getattr(obj, part)
@@ -218,9 +225,8 @@ def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None)
         return m.eval()
     if kind == "user":
         if model is None:
-            raise FormatError(
-                f"this file contains '{path}' ({spec['class']}), which is your own Python code that qcast keeps in "
-                "float; pass the float model to rebuild it: qcast.load(path, model=model)")
+            raise _model_needed(f"this file contains '{path}' ({spec['class']}), which is your own Python code that "
+                                "qcast keeps in float")
         try:
             sub = model.get_submodule(path)
         except AttributeError:
@@ -399,6 +405,20 @@ def metadata_to_manifest(metadata: dict[str, str], path: str = "file") -> dict:
     return manifest
 
 
+def _what_it_is(path: str) -> str | None:
+    """What a file that is not a qcast file is, with what to do, when its first bytes tell (None: they do not)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive / a plain pickle
+        kind = "a PyTorch file written by torch.save (a zip archive around a pickle)" if head[:1] == b"P" else "a pickle"
+        return (f"{kind}, not a qcast file. qcast.load reads files written by qcast.save (safetensors + a JSON manifest) "
+                "and never unpickles, which could run code. If it holds your float model or its state_dict, load that "
+                "with torch.load(path, weights_only=True), rebuild the model and quantize it: qcast.quantize(model, data)")
+    if head.startswith(b"\x08") or path.endswith(".onnx"):
+        return "an ONNX model, not a qcast file: qcast quantizes PyTorch models (nn.Module) and reads files of qcast.save"
+    return None
+
+
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedModel:
     """Read a file written by ``save``; ``model`` (the float model) is needed only for uncaptured regions."""
     from safetensors import safe_open
@@ -413,7 +433,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedMo
     except FormatError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for broken files
-        raise FormatError(f"{path}: not a readable qcast file (truncated or corrupted?): {e}") from None
+        raise FormatError(f"{path}: {_what_it_is(path) or f'not a readable qcast file (truncated or corrupted?): {e}'}") from None
     manifest = metadata_to_manifest(metadata, path)
     if manifest.get("format") != FORMAT:
         raise FormatError(f"{path}: not a qcast file (format={manifest.get('format')!r})")

@@ -159,8 +159,9 @@ def assert_sqnr(measured: float, threshold: float, what: str = "") -> None:
     assert measured >= threshold, f"{what}: SQNR {measured:.2f} dB < {threshold} dB"
 
 
-def run_isolated(code: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh Python process at the repository root (for cases that can crash the interpreter)."""
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+def run_isolated(code: str, timeout: float = 300.0, warnings: str = "ignore") -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python process at the repository root (for cases that can crash the interpreter, and
+    for what a user sees on stderr: ``warnings="default"`` shows each warning as Python would)."""
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS=warnings)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -276,3 +276,20 @@ def test_adaround_without_sampled_inputs_is_a_clear_error():
     observed.qcast_config = observed.qcast_config.replace(rounding="adaround")
     with pytest.raises(qcast.NotCalibratedError, match=r"AdaRound \(rounding='adaround'.*needs each layer's inputs"):
         qcast.convert(observed)
+
+
+def test_the_progress_bar_names_each_layer_and_what_it_took(capfd):
+    """AdaRound is the one step that takes minutes (rounding='auto' turns it on below 8 bits): the bar says which layer
+    it is on, what each took, and that rounding='nearest' skips it."""
+    observed = _calibrated()
+    observed.qcast_config = BASE.replace(adaround_iters=20)
+    observed.qcast_progress = True
+    try:
+        qcast.convert(observed)
+    finally:
+        observed.qcast_progress = False
+    err = capfd.readouterr().err
+    assert "rounding='nearest' skips it" in err, err[-500:]
+    for layer in ("features.0", "features.3", "features.6", "fc"):
+        assert f"{layer} (4-bit, 20 steps)" in err, layer
+    assert "features.6 took" in err and "slowest" in err and "4/4" in err

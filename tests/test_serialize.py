@@ -241,3 +241,18 @@ def test_load_imports_saved_output_types_only_from_allowed_packages():
     spec = _json.dumps([1, {"type": "this.Anything", "context": "null", "children_spec": []}])
     _import_pytree_types({"in_spec": spec, "out_spec": spec})
     assert "this" not in sys.modules
+
+
+@pytest.mark.parametrize("write", [lambda m, p: torch.save(m, p), lambda m, p: torch.save(m.state_dict(), p),
+                                   lambda m, p: p.write_bytes(__import__("pickle").dumps({"weight": [1.0]}))],
+                         ids=["torch.save(model)", "torch.save(state_dict)", "pickle"])
+def test_a_torch_save_or_pickle_file_is_named_for_what_it_is(tmp_path, write):
+    path = tmp_path / "model.pt"
+    write(torch.nn.Conv2d(3, 4, 3), path)
+    before = path.read_bytes()
+    with pytest.raises(qcast.FormatError) as e:
+        qcast.load(path)
+    msg = str(e.value)
+    assert "not a qcast file" in msg and "truncated or corrupted" not in msg, msg
+    assert ("torch.save" in msg) == (path.read_bytes()[:2] == b"PK") and "weights_only=True" in msg
+    assert "qcast.quantize" in msg and path.read_bytes() == before  # the user's file is never changed

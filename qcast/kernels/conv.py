@@ -149,6 +149,19 @@ class QConv(PackedKernelModule):
             y = torch.relu(y)
         return torch.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.quint8)
 
+    def input_mismatch(self, x, accum=None) -> str | None:
+        """What is wrong with an input this layer cannot take (QuantizedModel's error names it), or None."""
+        linear = self.kind == "linear"
+        want_rank = {"conv1d": 3, "conv2d": 4}.get(self.kind)
+        if want_rank and x.dim() != want_rank:
+            return f"expects a rank-{want_rank} input (batch, channels, ...), got rank {x.dim()} {list(x.shape)}"
+        want = self.weight_int8.shape[1] * (1 if linear else self.groups)
+        got = x.shape[-1] if linear else x.shape[1]
+        if got != want:
+            return (f"expects {want} input {'features (last dim)' if linear else 'channels (dim 1)'}, got {got} "
+                    f"(its input is {list(x.shape)})")
+        return None
+
     def _out_shape(self, shape) -> tuple[int, ...]:
         n, _, *spatial = shape
         out = [(i + 2 * p - d * (k - 1) - 1) // s + 1 for i, p, d, k, s in
@@ -170,13 +183,20 @@ class QConv(PackedKernelModule):
                 + (f", fused={post}" if post else "") + f", out_scale={self.out_scale:.4g}, zp={self.out_zero_point}")
 
 
-@register("conv1d", "conv2d", "linear", kind="compute", engines=("onednn", "x86"),
-          notes="per-channel s8 weights, u8 activations; fused BN, relu/relu6, residual add(+relu) on onednn")
+@register("conv1d", "conv2d", "linear", kind="compute", engines=("onednn", "x86", "fbgemm", "qnnpack"),
+          notes="per-channel s8 weights, u8 activations; engine='auto' picks onednn, x86, fbgemm, qnnpack (ARM) in "
+                "that order, the first that runs the layer; fused BN, relu/relu6; residual add(+relu) on onednn")
 class ConvKernel(KernelImpl):
     @staticmethod
     def check(node: fx.Node, ctx) -> str | None:
         if node.op != "call_module":
-            return "functional conv/linear with a weight computed at run time runs in float"
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            fn = f"F.{ctx.op(node)}"
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                return (f"{fn} with the weight '{weight.target}' (a parameter or buffer of the model) has no int8 kernel "
+                        f"yet: written as an nn.{'Linear' if ctx.op(node) == 'linear' else 'Conv' + ctx.op(node)[4:]} "
+                        "module it would run int8 (functional layers are on the roadmap)")
+            return f"{fn} with a weight computed at run time (an activation, not a parameter) runs in float"
         conv, act, add = _split(ctx.module(node))
         if isinstance(conv, (nn.Conv1d, nn.Conv2d)) and conv.padding_mode != "zeros":
             return f"padding_mode={conv.padding_mode!r} has no int8 kernel (only 'zeros')"

@@ -24,7 +24,7 @@ from ..nn import FusedConv
 from ..observers import weight_scales
 from ..smooth import Smooth
 from .base import KernelImpl, PackedKernelModule, kernel_module, not_float_input
-from .engines import engine_scope
+from .engines import available, engine_scope
 from .registry import register
 
 _GEMM = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32  # float in, u8 x s8 -> s32, float out
@@ -147,12 +147,14 @@ def _linear_and_act(node: fx.Node, ctx) -> tuple[nn.Linear, str] | str:
     return mod, act
 
 
-@register("linear:dynamic", kind="weight_only", engines=("native",),
+@register("linear:dynamic", kind="weight_only", engines=("fbgemm",),
           notes="QuantConfig(activation='dynamic'/'auto'): per-token 8-bit activations scaled at run time, per-channel "
                 "s8 weights, fbgemm dynamic GEMM (s32 accumulate); float in and out")
 class LinearDynamicKernel(KernelImpl):
     @staticmethod
     def check(node, ctx):
+        if "fbgemm" not in available():  # e.g. ARM builds of PyTorch: the static int8 linear runs instead
+            return "per-token dynamic linears need PyTorch's fbgemm engine, which this build lacks (ARM)"
         got = _linear_and_act(node, ctx)
         if isinstance(got, str):
             return got

@@ -155,3 +155,25 @@ def test_each_input_shape_gets_its_own_packed_weight_with_identical_results():
         for m in convs:
             m._packs.clear()
         assert torch.equal(out, r.qmodel(x))
+
+
+def test_functional_conv_and_linear_say_whether_their_weight_is_a_parameter():
+    """The reason explain() gives must be true: a parameter weight is not 'computed at run time'."""
+    import torch.nn.functional as F
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+            self.register_buffer("proj", torch.randn(5, 4))
+
+        def forward(self, x):
+            y = F.conv2d(x, self.weight)
+            y = F.conv2d(y, y[:1, :, :1, :1].permute(1, 0, 2, 3).expand(4, 4, 1, 1).contiguous())  # from the data
+            return F.linear(y.mean((2, 3)), self.proj)
+
+    qmodel = qcast.quantize(Functional().eval(), [torch.randn(1, 3, 8, 8)], progress=False, check_speed=False)
+    rows = {r.name: r for r in qcast.explain(qmodel)}
+    assert "'weight' (a parameter or buffer of the model)" in rows["conv2d"].reason and "nn.Conv2d" in rows["conv2d"].reason
+    assert "computed at run time (an activation" in rows["conv2d#2"].reason, rows["conv2d#2"].reason
+    assert "'proj' (a parameter or buffer" in rows["linear"].reason and "nn.Linear" in rows["linear"].reason
