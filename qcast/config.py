@@ -39,7 +39,7 @@ def _check_keys(keys, known, what: str = "QuantConfig") -> None:
         return
     hints = [f"{k!r} -> did you mean {' or '.join(map(repr, m))}?" for k in unknown
              if (m := difflib.get_close_matches(k, sorted(known), n=2))]
-    raise ConfigError(f"unknown {what} key(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+    raise ConfigError(f"unknown key(s) {unknown} in {what}" + (f" ({'; '.join(hints)})" if hints else "")
                       + f"; known keys: {sorted(known)}")
 
 
