@@ -224,13 +224,21 @@ class Captured:
     via: str = "torch.fx"  # or "torch.export": see capture_export.py
 
 
+def _kind(v: Any) -> str:
+    return f"Tensor{list(v.shape)}:{str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
 def bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[str], list[Any]]:
     """Names and values of the forward() arguments an example provides, in signature order."""
     sig = inspect.signature(model.forward)
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as e:
-        raise InputError(f"the input does not fit {type(model).__name__}.forward{sig}: {e}") from None
+        hint = ""
+        if len(args) == 2 and not kwargs and "too many positional" in str(e):  # a DataLoader's (input, label) batch
+            hint = (f". Each item has 2 parts ({', '.join(_kind(a) for a in args)}): if they are (input, label) pairs, "
+                    "pass input_fn=lambda batch: batch[0]")
+        raise InputError(f"the input does not fit {type(model).__name__}.forward{sig}: {e}{hint}") from None
     return list(bound.arguments), list(bound.arguments.values())
 
 

@@ -149,7 +149,13 @@ class QuantConfig:
     @staticmethod
     def _check(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
-            hint = " (or a name registered with qcast.observers.register_estimator)" if name.endswith("calibration") else ""
+            close = difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else []
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            if name.endswith("weight") and isinstance(value, str) and value.lstrip("iunt").isdigit() \
+                    and value.lstrip("iunt") != "8":
+                hint = f"; for {value.lstrip('iunt')}-bit weights use weight_bits={value.lstrip('iunt')} (stored in int8)"
+            if name.endswith("calibration"):
+                hint += " (other estimators can be registered with qcast.observers.register_estimator)"
             raise ConfigError(f"QuantConfig.{name}={value!r} is not one of {list(allowed)}{hint}")
 
     @staticmethod

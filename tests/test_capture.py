@@ -296,3 +296,15 @@ def test_parametrized_layers_are_quantized_and_the_users_model_keeps_its_paramet
     qcast.save(r.qmodel, tmp_path / "p.qcast")  # plain layers now: loads without the float model
     with torch.no_grad():
         assert torch.equal(qcast.load(tmp_path / "p.qcast")(x), r.qmodel(x))
+
+
+def test_input_label_pairs_without_input_fn_say_how_to_pick_the_input():
+    """A DataLoader over (image, label) yields 2-item batches; calling the model with both is the usual first mistake."""
+    from torch.utils.data import DataLoader, TensorDataset
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))), batch_size=4)
+    with pytest.raises(qcast.InputError, match=r"\(Tensor\[4, 3, 8, 8\]:float32, Tensor\[4\]:int64\).*"
+                                               r"input_fn=lambda batch: batch\[0\]"):
+        qcast.quantize(model, loader, progress=False)
+    qmodel = qcast.quantize(model, loader, input_fn=lambda batch: batch[0], progress=False, check_speed=False)
+    assert all(r.precision == "int8" for r in qcast.explain(qmodel) if r.op == "conv2d")

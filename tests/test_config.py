@@ -283,3 +283,16 @@ def test_an_unregistered_estimator_says_how_to_register_one():
     with pytest.raises(ConfigError, match="register_estimator") as e:
         QuantConfig(calibration="pow2")
     assert "'mse'" in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs,hint", [({"calibration": "mze"}, "'mse'"), ({"engine": "qnnpak"}, "'qnnpack'"),
+                                         ({"rounding": "adaroud"}, "'adaround'"),
+                                         ({"per_layer": {"fc": {"activation": "dynamc"}}}, "'dynamic'")])
+def test_a_typo_in_a_value_suggests_the_close_match(kwargs, hint):
+    with pytest.raises(ConfigError, match=f"did you mean {hint}"):
+        QuantConfig(**kwargs)
+
+
+def test_a_fewer_bit_weight_scheme_points_at_weight_bits():
+    with pytest.raises(ConfigError, match="for 4-bit weights use weight_bits=4"):
+        QuantConfig(weight="int4")
