@@ -99,19 +99,32 @@ class OpenVINOModule(nn.Module):
                              f"{_shapes(spec)}: pass the same kinds of inputs (tensors in the same places, the same "
                              "non-tensor arguments) as at calibration, or use backend='torch'")
         feed = [t.detach().cpu().contiguous().numpy() for t in tensors]
+        # checked here: on one thread, OpenVINO 2026.4 returned an empty output for a 4-channel input to a
+        # 3-channel conv instead of raising
+        if not all(i.get_partial_shape().compatible(_shape(t)) for i, t in zip(self.compiled.inputs, tensors)):
+            raise self._shape_error(tensors, "")
         with self._lock:
             try:
                 results = self._request.infer(feed)
             except RuntimeError as e:
-                expected = ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
-                got = ", ".join(str(tuple(t.shape)) for t in tensors)
-                raise InputError(f"the input shape(s) {got} do not fit the OpenVINO model, which takes {expected} "
-                                 f"('?' is any size): {str(e).splitlines()[0]}") from None
+                raise self._shape_error(tensors, str(e).splitlines()[0]) from None
             outs = [torch.from_numpy(results[o].copy()) for o in self.compiled.outputs]
         return unflatten(self.out_spec, outs)
 
+    def _shape_error(self, tensors, detail: str) -> InputError:
+        expected = ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
+        got = ", ".join(str(tuple(t.shape)) for t in tensors)
+        return InputError(f"the input shape(s) {got} do not fit the OpenVINO model, which takes {expected} ('?' is "
+                          "any size; batch and spatial sizes are free, rank and channels must match the calibration "
+                          "data)" + (f": {detail}" if detail else ""))
+
     def extra_repr(self) -> str:
         return "openvino: " + ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
+
+
+def _shape(t: torch.Tensor):
+    import openvino as ov
+    return ov.PartialShape(list(t.shape))
 
 
 def _shapes(spec) -> str:
@@ -175,11 +188,10 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
     return tuple(out)
 
 
-@register_backend("openvino", requires="openvino", install_hint='pip install "qcast[openvino]"', explain=explain)
-def lower(qdq: fx.GraphModule, observed, example_args: tuple, example_kwargs: dict) -> OpenVINOModule:
+def to_openvino(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
+    """The QDQ graph as an ``openvino.Model`` (every input dim dynamic), with what running it needs:
+    ``(model, signature, in_spec, out_spec)``."""
     import openvino as ov
-
-    from ...plan import Ctx
 
     if hasattr(qdq, "_in_spec"):
         raise UnsupportedError("the openvino backend does not take models captured through torch.export yet (Hugging "
@@ -189,14 +201,34 @@ def lower(qdq: fx.GraphModule, observed, example_args: tuple, example_kwargs: di
     bound = signature.bind(*example_args, **example_kwargs)
     bound.apply_defaults()
     tensors, in_spec = flatten(bound.args)
-    flat = _FlatIO(gm, in_spec).eval()
     with torch.no_grad():
         _, out_spec = flatten(gm(*bound.args))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript tracer warnings about the QDQ graph's Python
-            model = ov.convert_model(flat, example_input=tuple(tensors))
-    # every dim of every input dynamic (batch, resolution): convert_model from a torch module already does this
-    model.reshape({i: ov.PartialShape.dynamic(i.get_partial_shape().rank) for i in model.inputs})
+            model = ov.convert_model(_FlatIO(gm, in_spec).eval(), example_input=tuple(tensors))
+    model.reshape({i: free_dims(t) for i, t in zip(model.inputs, tensors)})
+    return model, signature, in_spec, out_spec
+
+
+def free_dims(example: torch.Tensor):
+    """The input shape OpenVINO compiles for: batch and spatial sizes free (any size, as on the torch backend),
+    channels (dim 1 of a float input of rank >= 2: NC, NCL, NCHW) fixed to the example's. With every dim dynamic
+    (convert_model's default) OpenVINO ran a 3-channel conv on a 4-channel input without complaint."""
+    import openvino as ov
+
+    dims = [-1] * example.dim()
+    if example.dtype.is_floating_point and example.dim() >= 2:
+        dims[1] = example.shape[1]
+    return ov.PartialShape(dims)
+
+
+@register_backend("openvino", requires="openvino", install_hint='pip install "qcast[openvino]"', explain=explain)
+def lower(qdq: fx.GraphModule, observed, example_args: tuple, example_kwargs: dict) -> OpenVINOModule:
+    import openvino as ov
+
+    from ...plan import Ctx
+
+    model, signature, in_spec, out_spec = to_openvino(qdq, example_args, example_kwargs)
     config = dict(COMPILE_CONFIG, INFERENCE_NUM_THREADS=torch.get_num_threads())
     compiled = ov.Core().compile_model(model, "CPU", config)
     names = {n.meta["qcast_name"]: n.target for n in qdq.graph.nodes
