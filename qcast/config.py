@@ -75,7 +75,7 @@ class QuantConfig:
         percentile: the percentile used by the ``percentile`` estimator.
         engine: int8 engine for conv/linear: ``auto`` (chosen per layer, accuracy first), or a fixed one.
         per_layer: mapping glob/op -> overrides of ``activation``, ``calibration``, ``engine``.
-        backend: who executes the quantized graph (``"torch"``; more backends are on the roadmap).
+        backend: who executes the quantized graph: ``"torch"`` (default) or ``"openvino"`` (``pip install "qcast[openvino]"``).
         bias_correction: correct each int8 conv/linear bias for the mean output shift its weight rounding causes,
             ``(W_q - W) E[x]`` with ``E[x]`` the per-input-channel mean seen during calibration (default on:
             +0.0..+4.3 dB output SQNR measured on every CNN, docs/design.md).

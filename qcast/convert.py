@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .capture import attr_at, copy_io, copy_specs, op_of
 from .errors import NotCalibratedError, UnsupportedError
-from .kernels import backends
+from .backends import get_backend
 from .kernels.dynamic import fuse_siblings
 from .nn import FusedConv
 from .observers import Observer, bias_shift, fake_quant_weight
@@ -193,6 +193,23 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
 
 
 
+def example_call(gm: fx.GraphModule) -> tuple[tuple, dict]:
+    """(args, kwargs) example for ``gm``: a random tensor (zeros for integer dtypes) of the shape and dtype each
+    placeholder had at prepare, the default (or None) for the others. What a backend that traces the graph needs."""
+    from .capture import TensorMeta
+
+    args = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            meta = n.meta.get("qcast_val")
+            if isinstance(meta, TensorMeta):
+                make = torch.randn if meta.dtype.is_floating_point else torch.zeros
+                args.append(make(meta.shape, dtype=meta.dtype))
+            else:
+                args.append(n.args[0] if n.args else None)
+    return tuple(args), {}
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
@@ -225,15 +242,13 @@ def convert(observed, backend: str = "torch") -> QuantizedModel:
 
     if not isinstance(observed, ObservedModel):
         raise UnsupportedError(f"convert() needs the model returned by qcast.prepare(), got {type(observed).__name__}")
-    if backend not in backends():
-        raise UnsupportedError(f"backend {backend!r} is not available; available backends: {backends()} "
-                               "(OpenVINO, ONNX Runtime and TensorRT backends are on the roadmap)")
-    if backend != observed.qcast_config.backend:
+    executor = get_backend(backend)  # UnsupportedError naming the pip command when its engine is missing
+    planned = get_backend(observed.qcast_config.backend)
+    if executor.kernels != planned.kernels:  # the plan (which ops are int8) comes from that backend's kernel table
         raise UnsupportedError(f"the model was prepared for backend {observed.qcast_config.backend!r}; prepare again "
                                f"with QuantConfig(backend={backend!r})")
     qdq = to_qdq(observed)
-    with torch.no_grad():
-        gm = lower_torch(qdq, observed.qcast_config)
+    gm = executor.lower(qdq, observed, *example_call(qdq))
     meta = {
         "version": VERSION,
         "backend": backend,
@@ -247,4 +262,4 @@ def convert(observed, backend: str = "torch") -> QuantizedModel:
         meta["smoothquant"] = observed.gm.meta["qcast_smoothquant"].summary()
     if "qcast_adaround" in qdq.meta:  # rounding="adaround": per-layer output error, nearest vs learned (JSON rows)
         meta["adaround"] = qdq.meta["qcast_adaround"].to_list()
-    return QuantizedModel(gm, records(qdq, observed.qcast_opaque), meta)
+    return QuantizedModel(gm, executor.explain(gm, records(qdq, observed.qcast_opaque)), meta)

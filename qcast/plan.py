@@ -32,6 +32,11 @@ class Plan:
     visible: bool = True
 
 
+def _kernel_table(backend: str) -> str:
+    from .backends import get_backend
+    return get_backend(backend).kernels
+
+
 class Ctx:
     """What kernels may ask about the graph while planning and lowering."""
 
@@ -39,6 +44,8 @@ class Ctx:
         self.gm, self.config = gm, config
         self.modules = dict(gm.named_modules())
         self.qparams = qparams or {}
+        # the kernel table that plans this backend's graph (OpenVINO executes the plan of the torch kernels)
+        self.kernels = "torch" if config.backend == "torch" else _kernel_table(config.backend)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.modules[node.target]
@@ -131,13 +138,13 @@ def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: b
     if ctx.setting(node, "activation") == "float":
         return "kept in float by QuantConfig activation='float'"
     if _wants_dynamic(node, ctx):  # a per-token dynamic kernel where the op has one (kernels/dynamic.py)
-        dynamic = lookup(f"{p.op}:dynamic", ctx.config.backend)
+        dynamic = lookup(f"{p.op}:dynamic", ctx.kernels)
         if dynamic is not None and not dynamic.impl.check(node, ctx):
             p.kernel, p.engine = dynamic, "native"
             return None
-    kernel = lookup(p.op, ctx.config.backend)
+    kernel = lookup(p.op, ctx.kernels)
     if kernel is None:
-        return declined(p.op, ctx.config.backend) or (
+        return declined(p.op, ctx.kernels) or (
             f"no int8 kernel for '{p.op}' on the {ctx.config.backend} backend (see `qcast ops`); runs in float "
             "with dequantize/quantize around it")
     p.kernel = kernel

@@ -77,9 +77,8 @@ def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | dict | 
     args, kwargs = as_call(example_inputs, "example_inputs")
     check_finite(args, kwargs, "example_inputs")
     if config.backend != "torch":
-        from .kernels import backends
-        if config.backend not in backends():
-            raise UnsupportedError(f"backend {config.backend!r} is not available; available: {backends()}")
+        from .backends import get_backend
+        get_backend(config.backend)  # UnsupportedError: unknown, or its engine is not installed (with the pip command)
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)

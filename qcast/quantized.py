@@ -47,9 +47,12 @@ class OpInfo:
 
 
 class QuantizedModel(nn.Module):
-    """An ordinary nn.Module running int8 kernels. ``qcast.explain(m)`` lists what runs how."""
+    """An ordinary nn.Module running int8 kernels. ``qcast.explain(m)`` lists what runs how.
 
-    def __init__(self, graph_module: fx.GraphModule, records: tuple[OpInfo, ...], meta: dict):
+    ``graph_module``: what the backend lowered the QDQ graph to (an fx.GraphModule of PyTorch int8 kernels on the
+    torch backend, a compiled engine behind an nn.Module on the others)."""
+
+    def __init__(self, graph_module: nn.Module, records: tuple[OpInfo, ...], meta: dict):
         super().__init__()
         self.graph_module = graph_module
         self.qcast_records = tuple(records)
@@ -66,6 +69,8 @@ class QuantizedModel(nn.Module):
         except QcastError:
             raise
         except Exception as e:  # noqa: BLE001 - turned into an error that names the layer
+            if not isinstance(self.graph_module, fx.GraphModule):  # another backend's executable: no graph to replay
+                raise
             raise self._diagnose(args, kwargs, e) from e
 
     # -- moving the model: int8 kernels live on the CPU, and their packed weights cannot be cast --------------------

@@ -259,6 +259,11 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
 
     if not isinstance(qmodel, QuantizedModel):
         raise FormatError(f"save() needs a model returned by qcast.quantize/convert/load, got {type(qmodel).__name__}")
+    backend = qmodel.qcast_meta.get("backend", "torch")
+    if backend != "torch":
+        raise FormatError(f"save() writes torch-backend models only; this one runs on the {backend!r} backend. Save "
+                          "qcast.convert(observed) (backend='torch') instead; saving for other backends is on the "
+                          "roadmap")
     gm = qmodel.graph_module
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}

@@ -1,0 +1,90 @@
+"""Backends: who executes the quantized (QDQ) graph that ``convert`` produces.
+
+A backend is one ``Backend`` entry in a private table, filled by ``@register_backend(name, ...)`` on its
+``lower`` function. Each backend lives in its own subpackage (``qcast/backends/<name>/``), imported when the table
+is first read; that import must stay cheap: the engine itself (``openvino``...) is imported only inside ``lower``,
+so ``import qcast`` never pays for it and ``available()`` only asks ``importlib.util.find_spec``.
+
+``lower(qdq, observed, example_args, example_kwargs) -> nn.Module``: the executable model. It takes and returns
+torch tensors, with the float model's output structure. ``explain(lowered, rows) -> rows``: the ``explain()`` rows
+as this backend runs them (e.g. the precision OpenVINO actually compiled each conv to).
+
+``kernels`` names the kernel table (``qcast/kernels``) that *plans* the graph: which ops are int8 and with which
+params. OpenVINO executes the plan the torch kernels make (same QDQ graph, same int8 ops), so a model prepared for
+one can be converted for the other.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import UnsupportedError
+
+#: subpackages that register a backend when imported (cheap imports: no engine)
+BACKEND_MODULES = ("qcast.backends.torch", "qcast.backends.openvino")
+
+
+def _same_rows(lowered, rows):
+    return tuple(rows)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One executor of the QDQ graph. ``requires``: the package it needs (None: nothing beyond torch)."""
+
+    name: str
+    lower: Callable = field(repr=False)
+    requires: str | None = None
+    install_hint: str = ""
+    kernels: str = "torch"
+    explain: Callable = field(default=_same_rows, repr=False)
+
+    def available(self) -> bool:
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+
+    def check_available(self) -> None:
+        if not self.available():
+            raise UnsupportedError(
+                f"backend {self.name!r} needs the {self.requires!r} package, which is not installed. Install it "
+                f"with: {self.install_hint}")
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, *, requires: str | None = None, install_hint: str = "", kernels: str = "torch",
+                     explain: Callable | None = None) -> Callable:
+    """Decorator for a backend's ``lower(qdq, observed, example_args, example_kwargs) -> nn.Module``."""
+
+    def deco(lower: Callable) -> Callable:
+        if name in _BACKENDS:
+            raise ValueError(f"backend {name!r} registered twice")
+        _BACKENDS[name] = Backend(name, lower, requires, install_hint, kernels, explain or _same_rows)
+        return lower
+
+    return deco
+
+
+def _load() -> None:
+    for module in BACKEND_MODULES:
+        importlib.import_module(module)
+
+
+def backend_names() -> list[str]:
+    _load()
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; UnsupportedError (with the pip command) when unknown or not installed."""
+    _load()
+    if name not in _BACKENDS:
+        raise UnsupportedError(f"unknown backend {name!r}; backends: {sorted(_BACKENDS)} (ONNX Runtime and TensorRT "
+                               "backends are on the roadmap)")
+    backend = _BACKENDS[name]
+    backend.check_available()
+    return backend
+
+
+__all__ = ["Backend", "register_backend", "get_backend", "backend_names"]

@@ -1,0 +1,236 @@
+"""The OpenVINO backend: qcast's QDQ graph, compiled by OpenVINO's CPU plugin.
+
+Lowering (``lower``): every int8 conv/linear weight, already on its per-channel symmetric grid after ``to_qdq``,
+is wrapped in ``torch.fake_quantize_per_channel_affine`` with that grid's scales (a parametrization, so a
+FusedConv's inner conv is covered too); the activation ``QDQ`` points already are
+``torch.fake_quantize_per_tensor_affine``. ``openvino.convert_model`` turns both into FakeQuantize nodes and the CPU
+plugin's low-precision transformations compile each quantized conv/linear to a u8 x i8 kernel that requantizes to
+the next QDQ's params: the same arithmetic as qcast's QDQ simulation (measured in docs/design.md).
+
+Non-int8 parts run with ``INFERENCE_PRECISION_HINT=f32``: OpenVINO's default on CPUs with bf16 support would run
+them in bf16 and drift from the simulation. Threads: ``torch.get_num_threads()`` at convert time.
+
+``openvino`` is imported only inside ``lower``: importing qcast does not load it.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from ...errors import InputError, UnsupportedError
+from ...quantized import OpInfo
+from .. import register_backend
+from .structure import flatten, unflatten
+
+#: compile settings besides the thread count (see the module docstring)
+COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+#: OpenVINO runtime layer types that carry a conv/linear's weights
+WEIGHTED_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
+
+
+class WeightGrid(nn.Module):
+    """Parametrization: ``w`` -> ``fake_quantize_per_channel_affine(w)`` on the layer's int8 grid (axis 0, zero point
+    0). ``w`` is already on that grid, so the values do not change; the op tells OpenVINO the weight is int8."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", torch.zeros(scale.shape[0], dtype=torch.int32))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, 0, -128, 127)
+
+
+def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the QDQ graph whose int8 conv/linear weights are fake-quantized per channel when read."""
+    from ...convert import int8_layers
+    from ...observers import weight_scales
+
+    gm = copy.deepcopy(qdq)
+    for conv in int8_layers(gm).values():
+        # qcast_weight_qmax < 127 for weight_bits < 8: the grid's step is max|w| / qmax, its ints fit [-128, 127]
+        scale = weight_scales(conv.weight, conv.qcast_weight_qmax)
+        parametrize.register_parametrization(conv, "weight", WeightGrid(scale), unsafe=True)
+    return gm
+
+
+class _FlatIO(nn.Module):
+    """What OpenVINO traces: flat tensors in, flat tensors out (a tensor, tuple, dict or dataclass output is
+    rebuilt around the compiled model by ``OpenVINOModule``)."""
+
+    def __init__(self, gm: nn.Module, in_spec):
+        super().__init__()
+        self.gm, self.in_spec = gm, in_spec
+
+    def forward(self, *tensors):
+        return tuple(flatten(self.gm(*unflatten(self.in_spec, tensors)))[0])
+
+
+class OpenVINOModule(nn.Module):
+    """Runs a compiled OpenVINO model on torch tensors: inputs bound like the float model's forward, flattened,
+    fed as numpy; outputs returned as torch tensors in the float model's output structure. One infer request,
+    guarded by a lock (calls from several threads run one at a time)."""
+
+    def __init__(self, compiled, signature: inspect.Signature, in_spec, out_spec, layers: dict[str, str],
+                 names: dict[str, str]):
+        super().__init__()
+        self.compiled, self.signature, self.in_spec, self.out_spec = compiled, signature, in_spec, out_spec
+        self.layers = layers  # runtime layer name -> runtime precision ("u8", "i8", "f32", ...) per weighted layer
+        self.names = names    # explain() row name -> module path of its call_module node
+        self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def forward(self, *args, **kwargs):
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise InputError(f"the inputs do not fit the model's forward{self.signature}: {e}") from None
+        bound.apply_defaults()
+        tensors, spec = flatten(bound.args)
+        if spec != self.in_spec:
+            raise InputError(f"the OpenVINO model was compiled for inputs shaped like {_shapes(self.in_spec)}, got "
+                             f"{_shapes(spec)}: pass the same kinds of inputs (tensors in the same places, the same "
+                             "non-tensor arguments) as at calibration, or use backend='torch'")
+        feed = [t.detach().cpu().contiguous().numpy() for t in tensors]
+        # checked here: on one thread, OpenVINO 2026.4 returned an empty output for a 4-channel input to a
+        # 3-channel conv instead of raising
+        if not all(i.get_partial_shape().compatible(_shape(t)) for i, t in zip(self.compiled.inputs, tensors)):
+            raise self._shape_error(tensors, "")
+        with self._lock:
+            try:
+                results = self._request.infer(feed)
+            except RuntimeError as e:
+                raise self._shape_error(tensors, str(e).splitlines()[0]) from None
+            outs = [torch.from_numpy(results[o].copy()) for o in self.compiled.outputs]
+        return unflatten(self.out_spec, outs)
+
+    def _shape_error(self, tensors, detail: str) -> InputError:
+        expected = ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
+        got = ", ".join(str(tuple(t.shape)) for t in tensors)
+        return InputError(f"the input shape(s) {got} do not fit the OpenVINO model, which takes {expected} ('?' is "
+                          "any size; batch and spatial sizes are free, rank and channels must match the calibration "
+                          "data)" + (f": {detail}" if detail else ""))
+
+    def extra_repr(self) -> str:
+        return "openvino: " + ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
+
+
+def _shape(t: torch.Tensor):
+    import openvino as ov
+    return ov.PartialShape(list(t.shape))
+
+
+def _shapes(spec) -> str:
+    return str(spec).replace("'", "")
+
+
+def read_back(compiled) -> dict[str, tuple[str, str]]:
+    """Original (framework) layer name -> (runtime layer type, runtime precision) of the compiled model.
+
+    OpenVINO's runtime model keeps, on each executed layer, the names of the layers fused into it
+    (``originalLayersNames``): a conv carries its FakeQuantize, bias add, relu and residual add.
+    """
+    out = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str) if "layerType" in info else ""
+        if kind in ("", "Const", "Input", "Output", "Reorder"):
+            continue
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "unknown"
+        for name in info["originalLayersNames"].astype(str).split(","):
+            out[name] = (kind, precision)
+    return out
+
+
+def _module_path(layer_name: str) -> str | None:
+    """``'__module.gm.layer1.0.conv2.conv/aten::_convolution/Convolution'`` -> ``'layer1.0.conv2.conv'``."""
+    head = layer_name.split("/")[0]
+    return head[len("__module.gm."):] if head.startswith("__module.gm.") else None
+
+
+def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
+    """explain() rows as OpenVINO compiled them. A row of a module call (conv, linear, pooling...) gets the runtime
+    precision of the compiled layer whose original names include that module (for a conv/linear: its
+    convolution/matmul, a FusedConv's inner ``.conv``). Rows of function calls (``x + y``, ``torch.cat``) cannot be
+    matched: TorchScript, which OpenVINO's converter traces, names those ``aten::add`` without the fx node's name, so
+    they report engine ``openvino`` and the planned precision."""
+    by_path: dict[str, set[tuple[str, str]]] = {}
+    for name, layer in lowered.layers.items():
+        path = _module_path(name)
+        if path is not None:
+            by_path.setdefault(path, set()).add(layer)
+    out = []
+    for r in rows:
+        target = lowered.names.get(r.name)
+        found = (by_path.get(target, set()) | by_path.get(f"{target}.conv", set())) if target else set()
+        if r.op in ("conv1d", "conv2d", "linear"):
+            found = {layer for layer in found if layer[0] in WEIGHTED_LAYERS}
+        precisions = sorted({p for _, p in found})
+        if not precisions:
+            out.append(OpInfo(r.name, r.op, r.precision, "openvino" if r.precision == "int8" else "openvino-float",
+                              r.reason))
+        elif len(precisions) > 1:
+            out.append(OpInfo(r.name, r.op, r.precision, "openvino:" + "/".join(precisions),
+                              r.reason + "; OpenVINO compiled its parts (or call sites) to different precisions"))
+        elif precisions[0] in ("u8", "i8") or r.precision != "int8":
+            out.append(OpInfo(r.name, r.op, r.precision, f"openvino:{precisions[0]}", r.reason))
+        else:
+            out.append(OpInfo(r.name, r.op, "float", f"openvino:{precisions[0]}",
+                              f"planned int8 ({r.reason}), but OpenVINO compiled it in {precisions[0]}: its "
+                              "low-precision transformations did not take this op's FakeQuantize pattern"))
+    return tuple(out)
+
+
+def to_openvino(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
+    """The QDQ graph as an ``openvino.Model`` (every input dim dynamic), with what running it needs:
+    ``(model, signature, in_spec, out_spec)``."""
+    import openvino as ov
+
+    if hasattr(qdq, "_in_spec"):
+        raise UnsupportedError("the openvino backend does not take models captured through torch.export yet (Hugging "
+                               "Face models); use backend='torch'")
+    gm = mark_int8_weights(qdq)
+    signature = inspect.signature(gm.forward)
+    bound = signature.bind(*example_args, **example_kwargs)
+    bound.apply_defaults()
+    tensors, in_spec = flatten(bound.args)
+    with torch.no_grad():
+        _, out_spec = flatten(gm(*bound.args))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript tracer warnings about the QDQ graph's Python
+            model = ov.convert_model(_FlatIO(gm, in_spec).eval(), example_input=tuple(tensors))
+    model.reshape({i: free_dims(t) for i, t in zip(model.inputs, tensors)})
+    return model, signature, in_spec, out_spec
+
+
+def free_dims(example: torch.Tensor):
+    """The input shape OpenVINO compiles for: batch and spatial sizes free (any size, as on the torch backend),
+    channels (dim 1 of a float input of rank >= 2: NC, NCL, NCHW) fixed to the example's. With every dim dynamic
+    (convert_model's default) OpenVINO ran a 3-channel conv on a 4-channel input without complaint."""
+    import openvino as ov
+
+    dims = [-1] * example.dim()
+    if example.dtype.is_floating_point and example.dim() >= 2:
+        dims[1] = example.shape[1]
+    return ov.PartialShape(dims)
+
+
+@register_backend("openvino", requires="openvino", install_hint='pip install "qcast[openvino]"', explain=explain)
+def lower(qdq: fx.GraphModule, observed, example_args: tuple, example_kwargs: dict) -> OpenVINOModule:
+    import openvino as ov
+
+    from ...plan import Ctx
+
+    model, signature, in_spec, out_spec = to_openvino(qdq, example_args, example_kwargs)
+    config = dict(COMPILE_CONFIG, INFERENCE_NUM_THREADS=torch.get_num_threads())
+    compiled = ov.Core().compile_model(model, "CPU", config)
+    names = {n.meta["qcast_name"]: n.target for n in qdq.graph.nodes
+             if n.op == "call_module" and Ctx.plan(n) is not None and "qcast_name" in n.meta}
+    return OpenVINOModule(compiled, signature, in_spec, out_spec, read_back(compiled), names)

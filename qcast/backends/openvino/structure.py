@@ -1,0 +1,51 @@
+"""Flatten a nested value (tensor, tuple/list/namedtuple, dict, dataclass, other constants) into its tensors and a
+spec, and rebuild it: OpenVINO takes and returns flat lists of tensors.
+
+A spec is a plain nested tuple, so two specs compare with ``==`` (the inputs of a call must match the spec the model
+was compiled with): ``("tensor", dtype, rank)``, ``("seq", type, (specs))``, ``("dict", type, keys, (specs))``,
+``("dataclass", type, names, (specs))`` or ``("const", value)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+
+
+def flatten(value: Any) -> tuple[list[torch.Tensor], tuple]:
+    tensors: list[torch.Tensor] = []
+    return tensors, _flatten(value, tensors)
+
+
+def _flatten(v: Any, out: list) -> tuple:
+    if isinstance(v, torch.Tensor):
+        out.append(v)
+        return ("tensor", v.dtype, v.dim())
+    if isinstance(v, (tuple, list)):
+        return ("seq", type(v), tuple(_flatten(x, out) for x in v))
+    if isinstance(v, dict):
+        return ("dict", type(v), tuple(v), tuple(_flatten(x, out) for x in v.values()))
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        names = tuple(f.name for f in dataclasses.fields(v))
+        return ("dataclass", type(v), names, tuple(_flatten(getattr(v, n), out) for n in names))
+    return ("const", v)
+
+
+def unflatten(spec: tuple, tensors) -> Any:
+    return _build(spec, iter(tensors))
+
+
+def _build(spec: tuple, it: Iterator) -> Any:
+    kind = spec[0]
+    if kind == "tensor":
+        return next(it)
+    if kind == "const":
+        return spec[1]
+    if kind == "seq":
+        items = [_build(s, it) for s in spec[2]]
+        cls = spec[1]
+        return cls(*items) if hasattr(cls, "_fields") else cls(items)
+    if kind == "dict":
+        return spec[1](zip(spec[2], [_build(s, it) for s in spec[3]]))
+    return spec[1](**dict(zip(spec[2], [_build(s, it) for s in spec[3]])))

@@ -1,0 +1,181 @@
+"""The openvino backend: the same QDQ graph as the torch backend, compiled by OpenVINO.
+
+Oracle: the QDQ graph run in float (``to_qdq``), which is what both backends execute. OpenVINO's integer kernels
+and the float simulation round the same values; where a value lands exactly on a rounding boundary they can
+disagree by one step, and on these random-weight CNNs one such flip early in the network costs the output ~36-40 dB
+(measured: the float simulation itself differs that much between batch 1 and batch 8, and the torch backend from
+it as much). Hence a threshold of 35 dB against the simulation; most outputs are bit-for-bit (> 120 dB) and the
+fidelity to the float model is the torch backend's within 0.3 dB.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("openvino")
+
+import qcast  # noqa: E402
+from qcast.convert import to_qdq  # noqa: E402
+from qcast.errors import FormatError, InputError, UnsupportedError  # noqa: E402
+from tests.helpers import (WEIGHTED_OPS, assert_sqnr, build_zoo, leaf_sqnrs, same_structure, sqnr,  # noqa: E402
+                           zoo_calibration)
+
+#: SQNR vs the QDQ simulation, measured (batch 1 / batch 8): resnet18 129.4 / 39.6, mobilenet_v2 142.2 / 142.5
+SIM_THRESHOLD = 35.0
+#: how much further from the float model than the torch backend the openvino backend may be (measured: <= 0.3 dB
+#: either way on resnet18, mobilenet_v2, blazeface, multitask_dict, detector_dataclass)
+FLOAT_MARGIN = 1.0
+CNNS = ("resnet18", "mobilenet_v2")
+
+
+@functools.lru_cache(maxsize=None)
+def converted(name: str):
+    """(float model, input_fn, QDQ graph, torch-backend model, openvino-backend model) from one calibration."""
+    model, input_fn = build_zoo(name)
+    data = zoo_calibration(input_fn)
+    observed = qcast.prepare(model, data[0])
+    qcast.calibrate(observed, data, progress=False)
+    return model, input_fn, to_qdq(observed), qcast.convert(observed), qcast.convert(observed, backend="openvino")
+
+
+@pytest.mark.parametrize("name", CNNS)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_openvino_runs_the_qdq_graph(name, batch):
+    model, input_fn, qdq, q_torch, q_ov = converted(name)
+    x = input_fn(batch=batch, seed=10_000)
+    with torch.no_grad():
+        ref, sim, out_torch, out_ov = model(x), qdq(x), q_torch(x), q_ov(x)
+    assert isinstance(out_ov, torch.Tensor) and out_ov.shape == ref.shape and out_ov.dtype == torch.float32
+    assert_sqnr(sqnr(sim, out_ov), SIM_THRESHOLD, f"{name} batch {batch}: openvino vs QDQ simulation")
+    assert sqnr(ref, out_ov) >= sqnr(ref, out_torch) - FLOAT_MARGIN, "openvino further from float than torch backend"
+
+
+@pytest.mark.parametrize("name", CNNS)
+def test_explain_reads_int8_convs_back_from_openvino(name):
+    *_, q_torch, q_ov = converted(name)
+    rows, torch_rows = qcast.explain(q_ov), qcast.explain(q_torch)
+    assert [(r.name, r.op, r.precision) for r in rows] == [(r.name, r.op, r.precision) for r in torch_rows]
+    weighted = [r for r in rows if r.op in WEIGHTED_OPS]
+    assert weighted and all(r.precision == "int8" and r.engine in ("openvino:u8", "openvino:i8") for r in weighted), [
+        r for r in weighted if r.engine not in ("openvino:u8", "openvino:i8")]
+    assert all(r.engine.startswith("openvino") for r in rows)
+    assert "backend=openvino" in repr(q_ov)
+
+
+@pytest.mark.parametrize("name", ["multitask_dict", "detector_dataclass"])
+def test_quantize_with_openvino_keeps_the_output_structure(name):
+    model, input_fn = build_zoo(name)
+    data = zoo_calibration(input_fn)
+    q_ov = qcast.quantize(model, data, backend="openvino", progress=False)
+    q_torch = qcast.quantize(model, data, progress=False)
+    x = input_fn(batch=3, seed=10_000)
+    with torch.no_grad():
+        ref, out, out_torch = model(x), q_ov(x), q_torch(x)
+    same_structure(ref, out)
+    for s_ov, s_torch in zip(leaf_sqnrs(ref, out), leaf_sqnrs(ref, out_torch)):
+        assert s_ov >= s_torch - FLOAT_MARGIN, (s_ov, s_torch)
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x)) + x
+        x = torch.relu(self.conv3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _small(config):
+    torch.manual_seed(0)
+    model = Small().eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 3, 16, 16, generator=g) for _ in range(4)]
+    observed = qcast.prepare(model, data[0], config)
+    qcast.calibrate(observed, data, progress=False)
+    return model, observed
+
+
+def test_fewer_weight_bits_and_a_float_layer():
+    """4-bit weights (grid [-7, 7] stored in int8) and a layer kept in float both run as the simulation says."""
+    _, observed = _small(qcast.QuantConfig(weight_bits=4, rounding="nearest", skip=["conv3"]))
+    q_ov = qcast.convert(observed, backend="openvino")
+    qdq = to_qdq(observed)
+    x = torch.randn(8, 3, 20, 24, generator=torch.Generator().manual_seed(1))  # another batch and resolution
+    with torch.no_grad():
+        assert_sqnr(sqnr(qdq(x), q_ov(x)), SIM_THRESHOLD, "4-bit weights: openvino vs QDQ simulation")
+    rows = {r.name: r for r in qcast.explain(q_ov)}
+    assert rows["conv3"].precision == "float" and rows["conv3"].engine == "openvino:f32", rows["conv3"]
+    assert rows["conv1"].engine in ("openvino:u8", "openvino:i8"), rows["conv1"]
+
+
+def test_wrong_input_names_the_expected_shape():
+    _, observed = _small(None)
+    q_ov = qcast.convert(observed, backend="openvino")
+    with pytest.raises(InputError, match=r"\[\?,3,\?,\?\]"):
+        q_ov(torch.randn(1, 4, 16, 16))
+    with pytest.raises(InputError):
+        q_ov(torch.randn(1, 3, 16, 16), torch.randn(1))
+
+
+def test_calls_from_several_threads_agree():
+    _, observed = _small(None)
+    q_ov = qcast.convert(observed, backend="openvino")
+    xs = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = [q_ov(x) for x in xs]
+    got = [None] * len(xs)
+
+    def run(i):
+        for _ in range(5):
+            got[i] = q_ov(xs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_save_says_to_save_the_torch_backend_model(tmp_path):
+    _, observed = _small(None)
+    with pytest.raises(FormatError, match="backend='torch'"):
+        qcast.save(qcast.convert(observed, backend="openvino"), tmp_path / "m.qcast")
+
+
+def test_missing_openvino_names_the_pip_command(monkeypatch):
+    _, observed = _small(None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    with pytest.raises(UnsupportedError, match=r'pip install "qcast\[openvino\]"'):
+        qcast.convert(observed, backend="openvino")
+    with pytest.raises(UnsupportedError, match=r'pip install "qcast\[openvino\]"'):
+        qcast.prepare(Small().eval(), torch.randn(1, 3, 16, 16), qcast.QuantConfig(backend="openvino"))
+    assert isinstance(qcast.convert(observed), qcast.QuantizedModel)  # the torch backend needs nothing
+
+
+def test_unknown_backend_lists_the_known_ones():
+    _, observed = _small(None)
+    with pytest.raises(UnsupportedError, match="openvino"):
+        qcast.convert(observed, backend="tensorrt")
+
+
+def test_backend_entries_read_well():
+    from qcast.backends import backend_names, get_backend
+
+    assert {"torch", "openvino"} <= set(backend_names())
+    ov = get_backend("openvino")
+    assert ov.available() and dataclasses.is_dataclass(ov)
+    assert repr(ov) == ("Backend(name='openvino', requires='openvino', install_hint='pip install \"qcast[openvino]\"', "
+                        "kernels='torch')")
