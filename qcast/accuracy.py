@@ -129,6 +129,9 @@ def accuracy_aware(model: nn.Module, calls: list, config: QuantConfig, backend: 
         return step
 
     first, rest = calls[0], calls[1:]
+    final_backend = backend
+    if backend == "auto":  # search on the torch backend (no engine compiled per step); the chosen model is lowered once
+        backend, config = "torch", config.replace(backend="torch")
     qmodel, observed = quantize_calls(model, first, iter(rest), config, backend, progress, len(calls))
     timing: list[float] = []
     full = record((), qmodel, "all int8", timing)
@@ -180,6 +183,9 @@ def accuracy_aware(model: nn.Module, calls: list, config: QuantConfig, backend: 
     else:
         best = max(steps, key=lambda s: (s.metric, -len(s.float_layers)))
     qbest = models[frozenset(best.float_layers)][0]
+    if final_backend != backend:
+        cfg = config.replace(backend=final_backend, skip=tuple(config.skip) + tuple(exact(n) for n in best.float_layers))
+        qbest, _ = quantize_calls(model, first, iter(rest), cfg, final_backend, False, len(calls))
     search = AccuracySearch(float_metric, float(max_drop), target, ranked_by, tuple(ranking), tuple(steps),
                             best.float_layers, best.metric, best.meets)
     qbest.qcast_meta["accuracy_search"] = search

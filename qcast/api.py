@@ -18,7 +18,7 @@ from .quantized import QuantizedModel
 
 def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | dict | None = None,
              input_fn: Callable | None = None, num_batches: int | None = None, eval_fn: Callable | None = None,
-             max_drop: float | None = None, backend: str = "torch", progress: bool = True,
+             max_drop: float | None = None, backend: str | None = None, progress: bool = True,
              check_speed: bool = True) -> QuantizedModel:
     """Return an int8 copy of ``model`` calibrated on ``calibration_data``; ``model`` itself is untouched.
 
@@ -31,6 +31,10 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
     ``eval_fn(qmodel) >= eval_fn(model) - max_drop``; every step is in ``qmodel.qcast_meta["accuracy_search"]``
     (see ``qcast.accuracy``). If even all candidates in float miss the target, a warning and the best model found.
 
+    ``backend``: who runs the int8 graph (default: ``config.backend``): ``"torch"`` (PyTorch's int8 kernels),
+    ``"openvino"``, or ``"auto"``: each installed backend checked against the QDQ simulation and timed on the first
+    calibration batch, the fastest kept (``qmodel.qcast_meta["backend_choice"]``).
+
     ``check_speed``: time the float and the int8 model on the first calibration batch (interleaved, bounded to about
     half a second, ``qcast.report.speed``); a ``SlowerThanFloatWarning`` with the figures and what to try when int8
     is slower. The figures are in ``qmodel.qcast_meta["speed"]``.
@@ -39,8 +43,9 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
         from .accuracy import check_accuracy_args
         check_accuracy_args(eval_fn, max_drop)
     config = as_config(config)
-    if backend != config.backend:
+    if backend is not None and backend != config.backend:
         config = config.replace(backend=backend)
+    backend = config.backend
     calls = iter_calls(calibration_data, input_fn, num_batches)
     first = next(calls, None)
     if first is None:

@@ -109,6 +109,8 @@ def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None,
         with torch.no_grad():
             for i, (args, kwargs) in enumerate(iter_calls(calibration_data, input_fn, num_batches)):
                 _call(observed, i, args, kwargs)
+                if i == 0:  # backend="auto" checks and times the backends on a real input (convert)
+                    observed.qcast_example = (args, kwargs)
                 seen += 1
                 if bar is not None:
                     bar.update(1)

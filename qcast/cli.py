@@ -93,7 +93,7 @@ def cmd_quantize(args) -> int:
     calib = _load_tensors(args.calib)
     config = _config(args)
     t = time.perf_counter()
-    qmodel = qcast.quantize(model, calib, config=config, num_batches=args.num_batches)
+    qmodel = qcast.quantize(model, calib, config=config, num_batches=args.num_batches, backend=args.backend)
     qcast.save(qmodel, args.out)
     print(f"quantized in {time.perf_counter() - t:.1f}s -> {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
     print(_rows_table(qcast.explain(qmodel)))
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="where to write the int8 model (.qcast)")
     q.add_argument("--config", help="QuantConfig as a JSON file")
     q.add_argument("--num-batches", type=int, default=None)
+    q.add_argument("--backend", default=None, help="who runs the int8 model: auto (default: the fastest installed "
+                   "backend that agrees with the simulation), torch, openvino")
     _engine_flag(q)
     q.set_defaults(fn=cmd_quantize)
     e = sub.add_parser("explain", help="per-op table of a saved int8 model")

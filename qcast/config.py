@@ -11,6 +11,7 @@ import difflib
 import fnmatch
 import functools
 import json
+import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -30,6 +31,13 @@ def estimators() -> tuple[str, ...]:
     ``qcast.observers.register_estimator`` (looked up when a config is made, so registering first is enough)."""
     from .observers import ESTIMATORS
     return tuple(ESTIMATORS)
+
+
+def backends() -> tuple[str, ...]:
+    """The names ``backend=`` accepts: ``"auto"`` and every registered backend (installed or not: a missing engine is
+    an error naming its pip command when the model is prepared)."""
+    from .backends import backend_names
+    return ("auto", *backend_names())
 
 
 def _check_keys(keys, known, what: str = "QuantConfig") -> None:
@@ -75,7 +83,10 @@ class QuantConfig:
         percentile: the percentile used by the ``percentile`` estimator.
         engine: int8 engine for conv/linear: ``auto`` (chosen per layer, accuracy first), or a fixed one.
         per_layer: mapping glob/op -> overrides of ``activation``, ``calibration``, ``engine``.
-        backend: who executes the quantized graph: ``"torch"`` (default) or ``"openvino"`` (``pip install "qcast[openvino]"``).
+        backend: who executes the quantized graph: ``"auto"`` (default: every installed backend is checked against the
+            QDQ simulation and timed on the first calibration batch, the fastest is kept), ``"torch"`` (PyTorch's int8
+            kernels, nothing to install) or ``"openvino"`` (``pip install "qcast[openvino]"``). The environment variable
+            ``QCAST_BACKEND`` changes the default (e.g. ``QCAST_BACKEND=torch``, as the test-suite does).
         bias_correction: correct each int8 conv/linear bias for the mean output shift its weight rounding causes,
             ``(W_q - W) E[x]`` with ``E[x]`` the per-input-channel mean seen during calibration (default on:
             +0.0..+4.3 dB output SQNR measured on every CNN, docs/design.md).
@@ -102,7 +113,7 @@ class QuantConfig:
     percentile: float = 99.99
     engine: str = "auto"
     per_layer: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    backend: str = "torch"
+    backend: str = field(default_factory=lambda: os.environ.get("QCAST_BACKEND", "auto"))
     bias_correction: bool = True
     equalize: bool = False
     smoothquant: float | str | None = "auto"
@@ -117,6 +128,7 @@ class QuantConfig:
         self._check("activation", self.activation, ACTIVATION_SCHEMES)
         self._check("calibration", self.calibration, estimators())
         self._check("engine", self.engine, ENGINES)
+        self._check("backend", self.backend, backends())
         self._check("rounding", self.rounding, ROUNDINGS)
         self._check_bits("weight_bits", self.weight_bits)
         if isinstance(self.adaround_iters, bool) or not isinstance(self.adaround_iters, int) or self.adaround_iters < 1:
@@ -243,7 +255,7 @@ class QuantConfig:
             elif f.name == "skip":
                 if v:
                     parts.append(f"skip={list(v)}")
-            elif v != f.default:
+            elif v != (f.default_factory() if f.default is dataclasses.MISSING else f.default):
                 parts.append(f"{f.name}={v!r}")
         return "QuantConfig(" + ", ".join(parts) + ")"
 

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from .capture import attr_at, copy_io, copy_specs, op_of
 from .errors import NotCalibratedError, UnsupportedError
-from .backends import get_backend
+from .backends import get_backend, kernel_table
+from .data import describe
 from .kernels.dynamic import fuse_siblings
 from .nn import FusedConv
 from .observers import Observer, bias_shift, fake_quant_weight
@@ -236,19 +237,31 @@ def _module_op(m: nn.Module) -> str:
     return MODULE_OPS.get(type(m), type(m).__name__)
 
 
-def convert(observed, backend: str = "torch") -> QuantizedModel:
-    """Turn a calibrated ObservedModel into an int8 QuantizedModel executed by ``backend``."""
+def convert(observed, backend: str | None = None) -> QuantizedModel:
+    """Turn a calibrated ObservedModel into an int8 QuantizedModel executed by ``backend`` (default: the config's).
+
+    ``"auto"``: lowered to every installed backend, each checked against the QDQ simulation and timed on the first
+    calibration batch, the fastest kept (``qcast.backends.auto``; the candidates in ``qcast_meta["backend_choice"]``).
+    """
+    from .backends.auto import choose
     from .prepare import ObservedModel
 
     if not isinstance(observed, ObservedModel):
         raise UnsupportedError(f"convert() needs the model returned by qcast.prepare(), got {type(observed).__name__}")
-    executor = get_backend(backend)  # UnsupportedError naming the pip command when its engine is missing
-    planned = get_backend(observed.qcast_config.backend)
-    if executor.kernels != planned.kernels:  # the plan (which ops are int8) comes from that backend's kernel table
+    backend = backend or observed.qcast_config.backend
+    kernels = kernel_table(observed.qcast_config.backend)
+    if backend != "auto" and get_backend(backend).kernels != kernels:  # get_backend: pip command when not installed
         raise UnsupportedError(f"the model was prepared for backend {observed.qcast_config.backend!r}; prepare again "
                                f"with QuantConfig(backend={backend!r})")
     qdq = to_qdq(observed)
-    gm = executor.lower(qdq, observed, *example_call(qdq))
+    choice = None
+    if backend == "auto":
+        example = getattr(observed, "qcast_example", None) or example_call(qdq)
+        backend, gm, tried = choose(qdq, lambda b: b.lower(qdq, observed, *example_call(qdq)), kernels, example)
+        choice = {"input": describe(*example), "candidates": [c.to_dict() for c in tried]}
+    else:
+        gm = get_backend(backend).lower(qdq, observed, *example_call(qdq))
+    executor = get_backend(backend)
     meta = {
         "version": VERSION,
         "backend": backend,
@@ -262,4 +275,21 @@ def convert(observed, backend: str = "torch") -> QuantizedModel:
         meta["smoothquant"] = observed.gm.meta["qcast_smoothquant"].summary()
     if "qcast_adaround" in qdq.meta:  # rounding="adaround": per-layer output error, nearest vs learned (JSON rows)
         meta["adaround"] = qdq.meta["qcast_adaround"].to_list()
-    return QuantizedModel(gm, executor.explain(gm, records(qdq, observed.qcast_opaque)), meta)
+    if choice is not None:  # backend="auto": every candidate, its time and agreement, or why it was rejected
+        meta["backend_choice"] = choice
+    return QuantizedModel(gm, executor.explain(gm, records(qdq, observed.qcast_opaque)), meta, qdq)
+
+
+def on_torch(qmodel: QuantizedModel) -> tuple[fx.GraphModule, tuple[OpInfo, ...], dict]:
+    """``(graph, explain rows, meta)`` of ``qmodel`` as the torch backend runs it: itself on the torch backend, else its
+    QDQ graph lowered again (what ``save`` writes: a file that loads anywhere PyTorch runs)."""
+    meta = qmodel.qcast_meta
+    if meta.get("backend", "torch") == "torch":
+        return qmodel.graph_module, qmodel.qcast_records, meta
+    from .config import QuantConfig
+    qdq = qmodel.qcast_qdq
+    if qdq is None:
+        raise UnsupportedError(f"this model runs on the {meta['backend']!r} backend and does not hold its QDQ graph")
+    with torch.no_grad():
+        gm = lower_torch(qdq, QuantConfig.from_dict(meta["config"]))
+    return gm, records(qdq, meta.get("opaque", {})), {**meta, "backend": "torch", "lowered_from": meta["backend"]}

@@ -32,11 +32,6 @@ class Plan:
     visible: bool = True
 
 
-def _kernel_table(backend: str) -> str:
-    from .backends import get_backend
-    return get_backend(backend).kernels
-
-
 class Ctx:
     """What kernels may ask about the graph while planning and lowering."""
 
@@ -45,7 +40,8 @@ class Ctx:
         self.modules = dict(gm.named_modules())
         self.qparams = qparams or {}
         # the kernel table that plans this backend's graph (OpenVINO executes the plan of the torch kernels)
-        self.kernels = "torch" if config.backend == "torch" else _kernel_table(config.backend)
+        from .backends import kernel_table
+        self.kernels = kernel_table(config.backend)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.modules[node.target]

@@ -76,7 +76,7 @@ def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | dict | 
     check_model(model)
     args, kwargs = as_call(example_inputs, "example_inputs")
     check_finite(args, kwargs, "example_inputs")
-    if config.backend != "torch":
+    if config.backend not in ("torch", "auto"):
         from .backends import get_backend
         get_backend(config.backend)  # UnsupportedError: unknown, or its engine is not installed (with the pip command)
     work = copy.deepcopy(model).eval()

@@ -52,11 +52,14 @@ class QuantizedModel(nn.Module):
     ``graph_module``: what the backend lowered the QDQ graph to (an fx.GraphModule of PyTorch int8 kernels on the
     torch backend, a compiled engine behind an nn.Module on the others)."""
 
-    def __init__(self, graph_module: nn.Module, records: tuple[OpInfo, ...], meta: dict):
+    def __init__(self, graph_module: nn.Module, records: tuple[OpInfo, ...], meta: dict, qdq: fx.GraphModule | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.qcast_records = tuple(records)
         self.qcast_meta = dict(meta)
+        # the backend-neutral QDQ graph it was lowered from (convert; None after load): what save() writes for a model
+        # on another backend than torch, and what export() converts. Not a submodule: no state_dict entries, no repr.
+        self.__dict__["qcast_qdq"] = qdq
         # an int8 model is for inference only: hand it out (from convert, quantize and load) in eval mode
         self.eval()
 

@@ -259,12 +259,10 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
 
     if not isinstance(qmodel, QuantizedModel):
         raise FormatError(f"save() needs a model returned by qcast.quantize/convert/load, got {type(qmodel).__name__}")
-    backend = qmodel.qcast_meta.get("backend", "torch")
-    if backend != "torch":
-        raise FormatError(f"save() writes torch-backend models only; this one runs on the {backend!r} backend. Save "
-                          "qcast.convert(observed) (backend='torch') instead; saving for other backends is on the "
-                          "roadmap")
-    gm = qmodel.graph_module
+    from .convert import on_torch
+    # a model on another backend is written as the torch backend runs it (its QDQ graph lowered again): the file loads
+    # wherever PyTorch runs; load() gives a torch-backend model
+    gm, rows, qmeta = on_torch(qmodel)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     attrs: dict[str, str] = {}
@@ -286,10 +284,10 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
             tensors[f"attr::{n.target}"] = obj.detach()
             attrs[n.target] = f"attr::{n.target}"
         nodes.append(entry)
-    meta = {k: v for k, v in qmodel.qcast_meta.items() if k not in ("calibration_summary", "accuracy_search")}
+    meta = {k: v for k, v in qmeta.items() if k not in ("calibration_summary", "accuracy_search")}
     manifest = {
         "format": FORMAT, "version": VERSION, "nodes": nodes, "modules": modules, "attrs": attrs,
-        "records": [r.__dict__ for r in qmodel.qcast_records], "meta": _enc(meta, "meta"),
+        "records": [r.__dict__ for r in rows], "meta": _enc(meta, "meta"),
         "sha256": _digest(tensors), "class_name": type(gm).__name__, "pytree": _pytree_io(gm),
     }
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}

@@ -3,6 +3,7 @@
 * ``sqnr`` / ``quantize_zoo`` / ``quantize_small``: the helpers of ``tests.helpers``, as fixtures (and as names of
   this module).
 * an autouse fixture checking that no test changes process-wide torch state (quantized engine, threads, grad mode).
+* ``QCAST_BACKEND=torch`` unless set: the default backend of every test that does not name one.
 
 The suite pins torch to one intra-op thread (override with ``QCAST_TEST_THREADS``): on a shared 2-core machine,
 2 OpenMP threads competing with other processes made qcast's histogram search up to 50x slower, and one thread
@@ -18,6 +19,10 @@ import torch
 from tests.helpers import quantize_small, quantize_zoo, sqnr  # noqa: F401  (re-exported)
 
 torch.set_num_threads(int(os.environ.get("QCAST_TEST_THREADS", "1")))
+# backend="auto" (the default) compiles the model for every installed engine and times them: seconds per quantize.
+# The suite tests the backends explicitly (tests/backends/) and everything else on the torch backend, the reference
+# executor (set before any QuantConfig is made; subprocesses of tests inherit it).
+os.environ.setdefault("QCAST_BACKEND", "torch")
 
 
 def pytest_configure(config):

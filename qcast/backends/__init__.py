@@ -87,4 +87,10 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-__all__ = ["Backend", "register_backend", "get_backend", "backend_names"]
+def kernel_table(backend: str) -> str:
+    """The kernel table that plans a model prepared for ``backend`` (``"auto"``: the torch kernels, which every
+    backend executes today)."""
+    return "torch" if backend in ("torch", "auto") else get_backend(backend).kernels
+
+
+__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table"]

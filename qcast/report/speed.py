@@ -9,12 +9,12 @@ call, the estimate least disturbed by other work on the machine; the measurement
 """
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
+
+from ..timing import time_interleaved
 
 
 class SlowerThanFloatWarning(UserWarning):
@@ -43,27 +43,14 @@ class SpeedCheck:
                 f"{self.input}, fastest of {self.repeats})")
 
 
-#: stop timing once both models have run this long in total (seconds), after at least MIN_REPEATS calls each
-BUDGET_S, MIN_REPEATS, MAX_REPEATS = 0.5, 2, 10
 #: int8 slower than float by more than this fraction is reported (below it, timing noise on a busy machine)
 TOLERANCE = 0.05
 
 
 def speed_check(model: nn.Module, qmodel: nn.Module, args: tuple, kwargs: dict, described: str) -> SpeedCheck:
-    """Time ``model`` and ``qmodel`` interleaved on one call (one warm-up each, then up to ``MAX_REPEATS``)."""
-    best = {"float": float("inf"), "int8": float("inf")}
-    spent, repeats = 0.0, 0
-    with torch.no_grad():
-        for m in (model, qmodel):  # warm-up: oneDNN builds its primitives on the first call
-            m(*args, **kwargs)
-        while repeats < MAX_REPEATS and (repeats < MIN_REPEATS or spent < BUDGET_S):
-            for key, m in (("float", model), ("int8", qmodel)):
-                t = time.perf_counter()
-                m(*args, **kwargs)
-                dt = time.perf_counter() - t
-                best[key], spent = min(best[key], dt), spent + dt
-            repeats += 1
-    return SpeedCheck(best["float"] * 1e3, best["int8"] * 1e3, repeats, described)
+    """Time ``model`` and ``qmodel`` interleaved on one call."""
+    best, repeats = time_interleaved({"float": model, "int8": qmodel}, args, kwargs)
+    return SpeedCheck(best["float"], best["int8"], repeats, described)
 
 
 def warn_if_slower(check: SpeedCheck) -> None:

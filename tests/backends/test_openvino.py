@@ -22,7 +22,7 @@ pytest.importorskip("openvino")
 
 import qcast  # noqa: E402
 from qcast.convert import to_qdq  # noqa: E402
-from qcast.errors import FormatError, InputError, UnsupportedError  # noqa: E402
+from qcast.errors import InputError, UnsupportedError  # noqa: E402
 from tests.helpers import (WEIGHTED_OPS, assert_sqnr, build_zoo, leaf_sqnrs, same_structure, sqnr,  # noqa: E402
                            zoo_calibration)
 
@@ -148,10 +148,19 @@ def test_calls_from_several_threads_agree():
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
-def test_save_says_to_save_the_torch_backend_model(tmp_path):
+def test_save_writes_the_torch_lowering_of_the_same_qdq_graph(tmp_path):
+    """A file loads wherever PyTorch runs: an openvino-backend model is saved as the torch backend runs its QDQ graph,
+    bit-identical to converting the same calibration for the torch backend."""
     _, observed = _small(None)
-    with pytest.raises(FormatError, match="backend='torch'"):
-        qcast.save(qcast.convert(observed, backend="openvino"), tmp_path / "m.qcast")
+    q_ov, q_torch = qcast.convert(observed, backend="openvino"), qcast.convert(observed, backend="torch")
+    qcast.save(q_ov, tmp_path / "m.qcast")
+    loaded = qcast.load(tmp_path / "m.qcast")
+    assert loaded.qcast_meta["backend"] == "torch" and loaded.qcast_meta["lowered_from"] == "openvino"
+    assert qcast.explain(loaded) == qcast.explain(q_torch)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q_torch(x))
+        assert sqnr(q_ov(x), loaded(x)) >= SIM_THRESHOLD
 
 
 def test_missing_openvino_names_the_pip_command(monkeypatch):

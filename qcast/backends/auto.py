@@ -1,0 +1,101 @@
+"""``backend="auto"``: lower the QDQ graph to every installed backend, check each against the QDQ simulation on a
+calibration input, time them interleaved on that input, keep the fastest.
+
+A backend is rejected (and says why in ``qcast_meta["backend_choice"]``) when it cannot lower the graph (an
+``UnsupportedError``: e.g. a model captured through torch.export on OpenVINO), raises when run, or disagrees with the
+simulation by more than ``MIN_SQNR`` dB. Backends round differently from the float simulation: one 8-bit step flipped costs a
+random-weight CNN's output ~36-40 dB (docs/design.md, OpenVINO backend), and the zoo's UNet, whose float region
+branches on its input's mean, measured 29.7 dB on the torch backend; a wrong lowering costs far more (< 10 dB).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import QcastError, UnsupportedError
+from ..timing import time_interleaved
+from . import Backend, backend_names, get_backend
+
+#: a backend's output must agree with the QDQ simulation's to at least this SQNR (dB, worst output tensor)
+MIN_SQNR = 20.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One backend tried by ``auto``: its fastest call (ms), its agreement with the QDQ simulation (dB), and why it was
+    not kept (``""``: it was eligible)."""
+
+    backend: str
+    ms: float | None
+    sqnr_vs_sim: float | None
+    rejected: str = ""
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "ms": self.ms, "sqnr_vs_sim": self.sqnr_vs_sim, "rejected": self.rejected}
+
+    def __repr__(self) -> str:
+        if self.rejected:
+            return f"Candidate({self.backend}, rejected: {self.rejected})"
+        return f"Candidate({self.backend}, {self.ms:.3f} ms, {self.sqnr_vs_sim:.1f} dB vs simulation)"
+
+
+def candidates(kernels: str) -> list[Backend]:
+    """The installed backends that execute the plan of ``kernels`` (the kernel table the model was planned with)."""
+    out = []
+    for name in backend_names():
+        backend = get_backend_or_none(name)
+        if backend is not None and backend.kernels == kernels:
+            out.append(backend)
+    return out
+
+
+def get_backend_or_none(name: str) -> Backend | None:
+    try:
+        return get_backend(name)
+    except UnsupportedError:  # not installed
+        return None
+
+
+def _agreement(ref, out) -> float:
+    from ..report import sqnr
+    from .openvino.structure import flatten
+    (refs, _), (outs, _) = flatten(ref), flatten(out)
+    if len(refs) != len(outs) or any(a.shape != b.shape for a, b in zip(refs, outs)):
+        return float("-inf")
+    return min((sqnr(a.float(), b.float()) for a, b in zip(refs, outs) if a.is_floating_point()), default=float("inf"))
+
+
+def choose(qdq: nn.Module, lower, kernels: str, example: tuple[tuple, dict]) -> tuple[str, nn.Module, list[Candidate]]:
+    """``(name, lowered module, every candidate)``; ``lower(backend) -> nn.Module`` lowers the QDQ graph for one."""
+    args, kwargs = example
+    with torch.no_grad():
+        ref = qdq(*args, **kwargs)
+    lowered: dict[str, nn.Module] = {}
+    tried: dict[str, Candidate] = {}
+    for backend in candidates(kernels):
+        try:
+            module = lower(backend)
+            with torch.no_grad():
+                agree = _agreement(ref, module(*args, **kwargs))
+        except QcastError as e:
+            tried[backend.name] = Candidate(backend.name, None, None, f"{type(e).__name__}: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001 - an engine's own failure rejects that engine, not the model
+            tried[backend.name] = Candidate(backend.name, None, None, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            continue
+        if agree < MIN_SQNR:
+            tried[backend.name] = Candidate(backend.name, None, agree, f"output differs from the QDQ simulation: "
+                                            f"{agree:.1f} dB < {MIN_SQNR} dB")
+            continue
+        lowered[backend.name] = module
+        tried[backend.name] = Candidate(backend.name, None, agree)
+    if not lowered:
+        raise UnsupportedError("backend='auto': no installed backend could run this model: " + "; ".join(
+            f"{c.backend}: {c.rejected}" for c in tried.values()))
+    times, _ = time_interleaved(lowered, args, kwargs)
+    for name, ms in times.items():
+        tried[name] = Candidate(name, ms, tried[name].sqnr_vs_sim)
+    best = min(times, key=times.get)
+    return best, lowered[best], list(tried.values())
