@@ -50,6 +50,10 @@ PEER_PACKAGES = {
     "fx": ["torch"],
     "ort": ["onnxruntime", "onnx"],
     "openvino": ["openvino", "nncf"],
+    # qcast on its other backends, each in its own process like the peers (the torch backend runs in run.py's)
+    "qcast-openvino": ["openvino"],
+    "qcast-onnxruntime": ["onnxruntime", "onnx"],
+    "qcast-auto": ["torch"],
 }
 
 
@@ -365,7 +369,38 @@ def _worker_openvino(job_dir: str) -> Dict[str, Any]:
     return res
 
 
-WORKERS = {"ort": _worker_ort, "openvino": _worker_openvino}
+def _worker_qcast(job_dir: str, backend: str) -> Dict[str, Any]:
+    """qcast.quantize with ``backend`` on the job's calibration data, in this process alone (its engine's threads
+    compete with nothing else): quantize time, SQNR, which backend ran (auto's choice and candidates), latency."""
+    job, data, model = _load_job(job_dir)
+    import qcast
+
+    res: Dict[str, Any] = {"versions": {"qcast": qcast.__version__, **peer_versions(f"qcast-{backend}")}}
+    t0 = time.perf_counter()
+    qm = qcast.quantize(model, data["calib"], backend=backend, progress=False, check_speed=False)
+    res["quantize_s"] = time.perf_counter() - t0
+    res["backend"] = qm.qcast_meta["backend"]
+    if "backend_choice" in qm.qcast_meta:
+        res["backend_choice"] = qm.qcast_meta["backend_choice"]
+    rows = qcast.explain(qm)
+    weighted = [r for r in rows if r.op in ("conv1d", "conv2d", "linear")]
+    engines: Dict[str, int] = {}
+    for r in weighted:
+        engines[r.engine] = engines.get(r.engine, 0) + 1
+    res["explain"] = (f"{sum(r.precision == 'int8' for r in weighted)}/{len(weighted)} conv/linear int8 on "
+                      f"{res['backend']} ({', '.join(f'{k}: {v}' for k, v in sorted(engines.items()))})")
+    with torch.no_grad():
+        res["sqnr"] = sqnr(data["ref"], qm(*data["eval"]))
+    res["latency"] = {}
+    for b, args in data["bench"].items():
+        res["latency"][str(b)] = latency_stats_quiet(
+            {"int8": lambda a=args: qm(*a)}, n=job["n"], warmup=job["warmup"], wait_s=job.get("wait_quiet", 0.0),
+            retries=job.get("retries", 0))
+    return res
+
+
+WORKERS = {"ort": _worker_ort, "openvino": _worker_openvino,
+           **{f"qcast-{b}": (lambda job_dir, b=b: _worker_qcast(job_dir, b)) for b in ("openvino", "onnxruntime", "auto")}}
 
 
 def write_job(job_dir: str, model_name: str, source: str, model: torch.nn.Module, data: Dict[str, Any],

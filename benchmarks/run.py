@@ -58,7 +58,7 @@ from benchmarks import peers as peers_mod  # noqa: E402
 
 import torch  # noqa: E402
 
-ALL_PEERS = ("fx", "ort", "openvino")
+ALL_PEERS = ("fx", "ort", "openvino", "qcast-openvino", "qcast-onnxruntime", "qcast-auto")
 
 
 def log(msg: str) -> None:
@@ -123,7 +123,7 @@ def bench_model(name: str, args, qcast_mod, workdir: str) -> Dict[str, Any]:
         e: Dict[str, Any] = {}
         try:
             t0 = time.perf_counter()
-            qm = qcast_mod.quantize(model, calib)
+            qm = qcast_mod.quantize(model, calib, backend="torch", check_speed=False)  # the other backends: workers
             e["quantize_s"] = time.perf_counter() - t0
             with torch.no_grad():
                 e["sqnr"] = sqnr(ref, qm(*eval_args))
@@ -185,7 +185,7 @@ def bench_model(name: str, args, qcast_mod, workdir: str) -> Dict[str, Any]:
             + ", ".join(f"{k} {v['median']:.2f} ms" for k, v in res["after_eval"].items()))
 
     # ---- peers in their own processes
-    sub = [p for p in args.peers if p in ("ort", "openvino")]
+    sub = [p for p in args.peers if p != "fx"]
     if sub:
         job_dir = os.path.join(workdir, f"job_{name}")
         data = {"calib": calib, "eval": eval_args, "ref": ref, "bench": bench_args}
@@ -230,7 +230,10 @@ def _with_speedup(ms: Optional[float], base: Optional[float]) -> str:
 LAT_COLS = [
     # header, latency key, speedup vs torch fp32?
     ("torch fp32", "fp32", False),
-    ("qcast int8", "qcast", True),
+    ("qcast torch", "qcast", True),
+    ("qcast OV", "qcast-openvino_int8", True),
+    ("qcast ORT", "qcast-onnxruntime_int8", True),
+    ("qcast auto", "qcast-auto_int8", True),
     ("FX int8", "fx", True),
     ("ORT fp32", "ort_fp32", False),
     ("ORT int8", "ort_int8", True),
@@ -239,7 +242,8 @@ LAT_COLS = [
     ("OV int8", "openvino_int8", True),
 ]
 
-ENGINE_COLS = [("qcast", "qcast"), ("FX", "fx"), ("ORT int8", "ort"), ("OV int8", "openvino")]
+ENGINE_COLS = [("qcast", "qcast"), ("qcast OV", "qcast-openvino"), ("qcast ORT", "qcast-onnxruntime"),
+               ("qcast auto", "qcast-auto"), ("FX", "fx"), ("ORT int8", "ort"), ("OV int8", "openvino")]
 
 
 TIE = 0.10  # within 10% is a tie, not a win
@@ -294,6 +298,7 @@ def render_targets(results: List[Dict[str, Any]]) -> List[str]:
                         "small layers (docs/design.md); ONNX Runtime and OpenVINO execution of qcast's graph are the "
                         "roadmap's backends")
                      + ".")
+    L.extend(render_backend_targets(results))
     sizes = []
     for r in results:
         e = r["engines"].get("qcast") or {}
@@ -303,6 +308,44 @@ def render_targets(results: List[Dict[str, Any]]) -> List[str]:
     if sizes:
         L.append("- qcast file / float state_dict (target ≤ 0.3×): " + ", ".join(sizes) + ".")
     L.append("")
+    return L
+
+
+def render_backend_targets(results: List[Dict[str, Any]]) -> List[str]:
+    """The backends issue's targets (issue 11), computed from the results."""
+    L = []
+    rows = []
+    for r in results:
+        nncf_sq, auto_sq = _sq(r["engines"].get("openvino")), _sq(r["engines"].get("qcast-auto"))
+        for b, lat in r["latency"].items():
+            a, n = _ms(lat, "qcast-auto_int8"), _ms(lat, "openvino_int8")
+            if a and n:
+                ok = a <= n and (auto_sq or -1e9) >= (nncf_sq if nncf_sq is not None else 1e9)
+                rows.append(f"{r['model']} b{b} {a / n:.2f}× at {_fmt(auto_sq, 1)} vs {_fmt(nncf_sq, 1)} dB "
+                            f"({'met' if ok else 'not met'})")
+    if rows:
+        L.append("- qcast auto / OpenVINO+NNCF int8 latency, at SQNR auto vs NNCF (target ≤ 1.0× at SQNR ≥ NNCF's): "
+                 + "; ".join(rows) + ".")
+    rows = []
+    for r in results:
+        for b, lat in r["latency"].items():
+            q, o = _ms(lat, "qcast-onnxruntime_int8"), _ms(lat, "ort_int8")
+            if q and o:
+                rows.append(f"{r['model']} b{b} {q / o:.2f}× ({'met' if q <= o else 'not met'})")
+    if rows:
+        L.append("- qcast onnxruntime / ONNX Runtime quantize_static latency (target ≤ 1.0×): " + "; ".join(rows) + ".")
+    rows = []
+    for r in results:
+        t, a = (r["engines"].get("qcast") or {}).get("quantize_s"), (r["engines"].get("qcast-auto") or {}).get("quantize_s")
+        if t and a:
+            rows.append(f"{r['model']} {a:.1f} s vs {t:.1f} s ({a / t:.1f}×)")
+    if rows:
+        L.append("- Quantize time with backend='auto' (all backends lowered, checked and timed) vs the torch backend "
+                 "alone (target ≤ 2×): " + "; ".join(rows) + ".")
+    chosen = [f"{r['model']}: {(r['engines'].get('qcast-auto') or {}).get('backend')}" for r in results
+              if (r["engines"].get("qcast-auto") or {}).get("backend")]
+    if chosen:
+        L.append("- backend='auto' chose " + ", ".join(chosen) + " (on the first calibration batch).")
     return L
 
 
@@ -409,8 +452,8 @@ def render_markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             st = (e or {}).get("status", "ok")
             if st != "ok":
                 notes.append(f"- {r['model']} / {k}: {st}")
-            elif k == "qcast" and e.get("explain"):
-                notes.append(f"- {r['model']} / qcast: {e['explain']}")
+            elif k.startswith("qcast") and e.get("explain"):
+                notes.append(f"- {r['model']} / {k}: {e['explain']}")
         if r.get("source") != "full":
             where = {"zoo": "tests.models.ZOO (the test suite's shrunken configuration)",
                      "standin": "benchmarks/standin_models.py"}.get(r.get("source"), r.get("source"))
@@ -430,8 +473,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,blazeface",
                    help="comma-separated zoo names (default: %(default)s)")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes to time (default: %(default)s)")
-    p.add_argument("--peers", default="fx,ort,openvino",
-                   help="comma-separated subset of fx,ort,openvino; '' for none (default: %(default)s)")
+    p.add_argument("--peers", default=",".join(ALL_PEERS),
+                   help="comma-separated subset of " + ",".join(ALL_PEERS) + "; '' for none (default: all)")
     p.add_argument("--calib", type=int, default=32, help="calibration samples (default: %(default)s)")
     p.add_argument("--calib-batch", type=int, default=1, help="samples per calibration item (default: %(default)s)")
     p.add_argument("--eval-samples", type=int, default=8, help="held-out samples for SQNR (default: %(default)s)")

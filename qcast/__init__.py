@@ -10,6 +10,7 @@ from .api import quantize
 from .calibrate import CalibrationSummary, calibrate
 from .config import QuantConfig
 from .convert import convert
+from .export import export
 from .errors import (CalibrationError, CaptureError, ConfigError, EvalError, FormatError, InputError, NotCalibratedError,
                      QcastError, UnsupportedError)
 from .prepare import ObservedModel, prepare
@@ -26,7 +27,7 @@ _warnings.filterwarnings("ignore", message=_TORCH_QTENSOR_NOTICE, category=UserW
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "prepare", "calibrate", "convert", "explain", "compare", "sensitivity", "save", "load", "QuantConfig", "QuantizedModel", "ObservedModel",
+    "quantize", "prepare", "calibrate", "convert", "explain", "compare", "sensitivity", "save", "load", "export", "QuantConfig", "QuantizedModel", "ObservedModel",
     "OpInfo", "CalibrationSummary", "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
     "NotCalibratedError", "UnsupportedError", "EvalError", "FormatError", "SensitivityReport", "AccuracySearch",
     "SearchStep", "__version__",

@@ -1,0 +1,46 @@
+"""qcast.export: the QDQ graph as an engine's own file, run by that engine and compared with qcast's model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcast
+from qcast import UnsupportedError
+from tests.helpers import sqnr
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=2),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 5)).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(2, 3, 12, 12, generator=g) for _ in range(4)]
+    return model, qcast.quantize(model, calib, backend="torch", progress=False, check_speed=False)
+
+
+def test_openvino_ir_runs_in_openvino_like_the_qdq_simulation(quantized, tmp_path):
+    ov = pytest.importorskip("openvino")
+    model, qmodel = quantized
+    path = qcast.export(qmodel, tmp_path / "m.xml")
+    assert (tmp_path / "m.bin").exists() and not list(tmp_path.glob(".qcast-export-*"))
+    compiled = ov.Core().compile_model(ov.Core().read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    out = torch.from_numpy(compiled(x.numpy())[compiled.outputs[0]].copy())
+    with torch.no_grad():
+        sim, ref = qmodel.qcast_qdq(x), model(x)
+    assert sqnr(sim, out) >= 35.0  # one 8-bit step flipped costs ~36-40 dB (tests/backends/test_openvino.py)
+    assert sqnr(ref, out) >= sqnr(ref, qmodel(x)) - 1.0
+    precisions = {op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()
+                  if op.get_rt_info()["layerType"].astype(str) in ("Convolution", "FullyConnected")}
+    assert precisions == {"u8"}, precisions
+
+
+def test_unknown_format_and_loaded_models_are_clear_errors(quantized, tmp_path):
+    _, qmodel = quantized
+    with pytest.raises(UnsupportedError, match=r"'\.pt'.*\.onnx.*\.xml"):
+        qcast.export(qmodel, tmp_path / "m.pt")
+    qcast.save(qmodel, tmp_path / "m.qcast")
+    with pytest.raises(UnsupportedError, match="qcast.load"):
+        qcast.export(qcast.load(tmp_path / "m.qcast"), tmp_path / "m.xml")
+    assert not (tmp_path / "m.xml").exists()
