@@ -33,13 +33,6 @@ def estimators() -> tuple[str, ...]:
     return tuple(ESTIMATORS)
 
 
-def backends() -> tuple[str, ...]:
-    """The names ``backend=`` accepts: ``"auto"`` and every registered backend (installed or not: a missing engine is
-    an error naming its pip command when the model is prepared)."""
-    from .backends import backend_names
-    return ("auto", *backend_names())
-
-
 def _check_keys(keys, known, what: str = "QuantConfig") -> None:
     """ConfigError for keys not in ``known``, with the known keys and the close matches of each unknown one."""
     unknown = sorted(set(keys) - set(known))
@@ -128,7 +121,6 @@ class QuantConfig:
         self._check("activation", self.activation, ACTIVATION_SCHEMES)
         self._check("calibration", self.calibration, estimators())
         self._check("engine", self.engine, ENGINES)
-        self._check("backend", self.backend, backends())
         self._check("rounding", self.rounding, ROUNDINGS)
         self._check_bits("weight_bits", self.weight_bits)
         if isinstance(self.adaround_iters, bool) or not isinstance(self.adaround_iters, int) or self.adaround_iters < 1:

@@ -243,7 +243,6 @@ def convert(observed, backend: str | None = None) -> QuantizedModel:
     ``"auto"``: lowered to every installed backend, each checked against the QDQ simulation and timed on the first
     calibration batch, the fastest kept (``qcast.backends.auto``; the candidates in ``qcast_meta["backend_choice"]``).
     """
-    from .backends.auto import choose
     from .prepare import ObservedModel
 
     if not isinstance(observed, ObservedModel):
@@ -254,14 +253,8 @@ def convert(observed, backend: str | None = None) -> QuantizedModel:
         raise UnsupportedError(f"the model was prepared for backend {observed.qcast_config.backend!r}; prepare again "
                                f"with QuantConfig(backend={backend!r})")
     qdq = to_qdq(observed)
-    choice = None
-    if backend == "auto":
-        example = getattr(observed, "qcast_example", None) or example_call(qdq)
-        backend, gm, tried = choose(qdq, lambda b: b.lower(qdq, observed, *example_call(qdq)), kernels, example)
-        choice = {"input": describe(*example), "candidates": [c.to_dict() for c in tried]}
-    else:
-        gm = get_backend(backend).lower(qdq, observed, *example_call(qdq))
-    executor = get_backend(backend)
+    example = getattr(observed, "qcast_example", None)  # the first calibration batch (calibrate)
+    gm, rows, backend, choice = lower(qdq, observed.qcast_config, observed.qcast_opaque, backend, example)
     meta = {
         "version": VERSION,
         "backend": backend,
@@ -277,7 +270,24 @@ def convert(observed, backend: str | None = None) -> QuantizedModel:
         meta["adaround"] = qdq.meta["qcast_adaround"].to_list()
     if choice is not None:  # backend="auto": every candidate, its time and agreement, or why it was rejected
         meta["backend_choice"] = choice
-    return QuantizedModel(gm, executor.explain(gm, records(qdq, observed.qcast_opaque)), meta, qdq)
+    return QuantizedModel(gm, rows, meta, qdq)
+
+
+def lower(qdq: fx.GraphModule, config, opaque: dict[str, str], backend: str, example: tuple | None = None):
+    """``(lowered module, explain rows, backend name, auto's choice or None)``: the QDQ graph lowered for ``backend``
+    (``"auto"``: every installed backend checked and timed on ``example``, default: inputs shaped like the graph's).
+    What ``convert`` and ``load`` share."""
+    from .backends.auto import choose
+
+    example = example or example_call(qdq)
+    choice = None
+    if backend == "auto":
+        backend, gm, tried = choose(qdq, lambda b: b.lower(qdq, config, *example_call(qdq)), kernel_table(config.backend),
+                                    example)
+        choice = {"input": describe(*example), "candidates": [c.to_dict() for c in tried]}
+    else:
+        gm = get_backend(backend).lower(qdq, config, *example_call(qdq))
+    return gm, get_backend(backend).explain(gm, records(qdq, opaque)), backend, choice
 
 
 def on_torch(qmodel: QuantizedModel) -> tuple[fx.GraphModule, tuple[OpInfo, ...], dict]:
@@ -290,6 +300,5 @@ def on_torch(qmodel: QuantizedModel) -> tuple[fx.GraphModule, tuple[OpInfo, ...]
     qdq = qmodel.qcast_qdq
     if qdq is None:
         raise UnsupportedError(f"this model runs on the {meta['backend']!r} backend and does not hold its QDQ graph")
-    with torch.no_grad():
-        gm = lower_torch(qdq, QuantConfig.from_dict(meta["config"]))
-    return gm, records(qdq, meta.get("opaque", {})), {**meta, "backend": "torch", "lowered_from": meta["backend"]}
+    gm, rows, _, _ = lower(qdq, QuantConfig.from_dict(meta["config"]), meta.get("opaque", {}), "torch")
+    return gm, rows, {**meta, "backend": "torch", "lowered_from": meta["backend"]}

@@ -5,7 +5,7 @@ A backend is one ``Backend`` entry in a private table, filled by ``@register_bac
 is first read; that import must stay cheap: the engine itself (``openvino``...) is imported only inside ``lower``,
 so ``import qcast`` never pays for it and ``available()`` only asks ``importlib.util.find_spec``.
 
-``lower(qdq, observed, example_args, example_kwargs) -> nn.Module``: the executable model. It takes and returns
+``lower(qdq, config, example_args, example_kwargs) -> nn.Module``: the executable model. It takes and returns
 torch tensors, with the float model's output structure. ``explain(lowered, rows) -> rows``: the ``explain()`` rows
 as this backend runs them (e.g. the precision OpenVINO actually compiled each conv to).
 
@@ -55,7 +55,7 @@ _BACKENDS: dict[str, Backend] = {}
 
 def register_backend(name: str, *, requires: str | None = None, install_hint: str = "", kernels: str = "torch",
                      explain: Callable | None = None) -> Callable:
-    """Decorator for a backend's ``lower(qdq, observed, example_args, example_kwargs) -> nn.Module``."""
+    """Decorator for a backend's ``lower(qdq, config, example_args, example_kwargs) -> nn.Module``."""
 
     def deco(lower: Callable) -> Callable:
         if name in _BACKENDS:

@@ -5,10 +5,10 @@ from . import register_backend
 
 
 @register_backend("torch")
-def lower(qdq, observed, example_args, example_kwargs):
+def lower(qdq, config, example_args, example_kwargs):
     import torch
 
     from ..convert import lower_torch
 
     with torch.no_grad():
-        return lower_torch(qdq, observed.qcast_config)
+        return lower_torch(qdq, config)

@@ -223,14 +223,14 @@ def free_dims(example: torch.Tensor):
 
 
 @register_backend("openvino", requires="openvino", install_hint='pip install "qcast[openvino]"', explain=explain)
-def lower(qdq: fx.GraphModule, observed, example_args: tuple, example_kwargs: dict) -> OpenVINOModule:
+def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict) -> OpenVINOModule:
     import openvino as ov
 
     from ...plan import Ctx
 
     model, signature, in_spec, out_spec = to_openvino(qdq, example_args, example_kwargs)
-    config = dict(COMPILE_CONFIG, INFERENCE_NUM_THREADS=torch.get_num_threads())
-    compiled = ov.Core().compile_model(model, "CPU", config)
+    settings = dict(COMPILE_CONFIG, INFERENCE_NUM_THREADS=torch.get_num_threads())
+    compiled = ov.Core().compile_model(model, "CPU", settings)
     names = {n.meta["qcast_name"]: n.target for n in qdq.graph.nodes
              if n.op == "call_module" and Ctx.plan(n) is not None and "qcast_name" in n.meta}
     return OpenVINOModule(compiled, signature, in_spec, out_spec, read_back(compiled), names)
