@@ -288,17 +288,3 @@ def lower(qdq: fx.GraphModule, config, opaque: dict[str, str], backend: str, exa
     else:
         gm = get_backend(backend).lower(qdq, config, *example_call(qdq))
     return gm, get_backend(backend).explain(gm, records(qdq, opaque)), backend, choice
-
-
-def on_torch(qmodel: QuantizedModel) -> tuple[fx.GraphModule, tuple[OpInfo, ...], dict]:
-    """``(graph, explain rows, meta)`` of ``qmodel`` as the torch backend runs it: itself on the torch backend, else its
-    QDQ graph lowered again (what ``save`` writes: a file that loads anywhere PyTorch runs)."""
-    meta = qmodel.qcast_meta
-    if meta.get("backend", "torch") == "torch":
-        return qmodel.graph_module, qmodel.qcast_records, meta
-    from .config import QuantConfig
-    qdq = qmodel.qcast_qdq
-    if qdq is None:
-        raise UnsupportedError(f"this model runs on the {meta['backend']!r} backend and does not hold its QDQ graph")
-    gm, rows, _, _ = lower(qdq, QuantConfig.from_dict(meta["config"]), meta.get("opaque", {}), "torch")
-    return gm, rows, {**meta, "backend": "torch", "lowered_from": meta["backend"]}

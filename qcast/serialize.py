@@ -4,6 +4,11 @@ The manifest is stored zlib-compressed (base64) under ``qcast_manifest_zlib``, n
 and ``qcast_version`` keys: on a small detector the plain JSON was a fifth of the file. Version-1 files (plain
 JSON under ``qcast_manifest``) still load. ``qcast explain FILE`` prints what the manifest says.
 
+Version 3 stores the backend-neutral QDQ graph (``convert.to_qdq``: each node with its plan, shapes and names; int8
+conv/linear weights as int8 + per-channel scales, rebuilt bit-exactly), and ``load(path, backend=...)`` lowers it for
+the machine it runs on, like ``convert``. Files of versions 1-2 hold the torch backend's lowered graph and still load
+as such.
+
 No pickle anywhere. The manifest records the graph (nodes, targets, arguments), each module as a spec
 (an int8 kernel by class name + config, a standard ``torch.nn`` layer by class + constructor arguments),
 the explain() rows, the config and calibration facts, and a SHA-256 of all tensor bytes. Regions that
@@ -32,11 +37,11 @@ from .errors import FormatError
 from .kernels import backends
 from .kernels.base import KERNEL_MODULES, KernelModule
 from .nn import FusedBatchNorm, FusedConv
-from .quantized import OpInfo, QuantizedModel
+from .quantized import QDQ, OpInfo, QuantizedModel
 from .smooth import Smooth
 
 FORMAT = "qcast"
-VERSION = 2
+VERSION = 3
 _SAFE_MODULE_PREFIXES = ("torch", "operator", "_operator", "builtins", "math", "qcast")
 
 
@@ -169,14 +174,16 @@ def _init_kwargs(m: nn.Module) -> dict | None:
     return kw
 
 
-def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
+def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor], kernel: str = "") -> dict:
+    """``kernel``: the int8 kernel the module's call runs ("" for none): its weight may then be stored in the 8-bit form
+    that kernel quantizes it to (``_compact_weight``)."""
     if isinstance(m, KernelModule):
         config, ts = m.spec()
         for k, t in ts.items():
             tensors[f"{path}::{k}"] = t
         return {"kind": "kernel", "class": type(m).__name__, "config": _enc(config, path), "tensors": sorted(ts)}
     if isinstance(m, FusedConv):
-        inner = _module_spec(path + ".conv", m.conv, tensors)
+        inner = _module_spec(path + ".conv", m.conv, tensors, kernel)
         return {"kind": "fused", "act": m.act, "add": m.add, "conv": inner}
     if isinstance(m, FusedBatchNorm):
         return {"kind": "fused_bn", "bn": _module_spec(path + ".bn", m.bn, tensors)}
@@ -185,6 +192,8 @@ def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> d
         for k, t in ts.items():
             tensors[f"{path}::{k}"] = t
         return {"kind": "smooth", "config": _enc(config, path), "tensors": sorted(ts)}
+    if isinstance(m, QDQ):
+        return {"kind": "qdq", "name": m.name, "qparams": m.qparams.to_dict()}
     if _is_torch_module(m):
         kw = _init_kwargs(m)
         if kw is not None:
@@ -194,11 +203,65 @@ def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor]) -> d
             except Exception:  # noqa: BLE001 - not rebuildable from its attributes: fall back to the user's model
                 kw = None
         if kw is not None:
-            for k, t in m.state_dict().items():
+            state = m.state_dict()
+            compact = (_compact_weight(m, dynamic=kernel == "linear:dynamic") if kernel and isinstance(
+                m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)) else None)
+            if compact is not None:  # an int8 layer of a QDQ graph: its weight in the 8-bit form it runs as
+                del state["weight"]
+                tensors.update({f"{path}::{k}": t for k, t in compact[1].items()})
+            for k, t in state.items():
                 tensors[f"{path}::{k}"] = t
-            return {"kind": "torch", "class": f"{type(m).__module__}:{type(m).__qualname__}",
-                    "init": _enc(kw, path), "tensors": sorted(m.state_dict())}
+            spec = {"kind": "torch", "class": f"{type(m).__module__}:{type(m).__qualname__}",
+                    "init": _enc(kw, path), "tensors": sorted(state)}
+            if compact is not None:
+                spec["weight"] = compact[0]
+                if hasattr(m, "qcast_weight_qmax"):  # the grid to_qdq put it on (read by the backends)
+                    spec["weight_qmax"] = m.qcast_weight_qmax
+            return spec
     return {"kind": "user", "class": f"{type(m).__module__}.{type(m).__qualname__}"}
+
+
+def _on_grid(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float weight ``q * scale`` per output channel, computed as the torch backend's quantizer computes it."""
+    zeros = torch.zeros(scales.shape[0], dtype=torch.long)
+    return torch._make_per_channel_quantized_tensor(q, scales.double(), zeros, 0).dequantize()
+
+
+def _rows_on_grid(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+    """An embedding table from its 8-bit rows, as ``QEmbedding`` dequantizes them."""
+    return (q.float() - zero_points[:, None]) * scales[:, None]
+
+
+def _grid_of(w: torch.Tensor, qmax: int, dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8, per-channel scales) of a conv/linear weight as its kernel quantizes it: ``QConv`` through
+    ``quantize_weight``, the per-token ``QLinearDynamic`` by ``round(w / scale)`` (the two can round a tie apart)."""
+    from .observers import quantize_weight, weight_scales
+    if dynamic:
+        scale = weight_scales(w, qmax)
+        return torch.round(w.float() / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8), scale.float()
+    wq = quantize_weight(w, qmax)
+    return wq.int_repr(), wq.q_per_channel_scales().float()
+
+
+def _compact_weight(m: nn.Module, dynamic: bool) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """An int8 layer's weight (in a QDQ graph) as the 8-bit form its kernel quantizes it to: ``("grid", {int8,
+    scales})`` for a conv/linear (per-channel symmetric), ``("rows", {uint8, scales, zero_points})`` for an
+    embedding. A conv/linear uses it only when the weight rebuilt from it quantizes to the very same ints and scales
+    (checked here); an embedding's rows are given to its kernel as stored (``qcast_rows``). Either way a loaded model
+    computes bit for bit what the saved one did; the rebuilt float weight is the grid's (what actually runs). None:
+    keep the float weight."""
+    from .kernels.transformer import QEmbedding
+
+    w = m.weight.detach()
+    if isinstance(m, nn.Embedding):  # its rows re-quantize differently: load hands them to the kernel as they are
+        kernel = QEmbedding.from_float(w)
+        return ("rows", {"weight_uint8": kernel.weight_uint8, "weight_scales": kernel.scales,
+                         "weight_zero_points": kernel.zero_points})
+    qmax = getattr(m, "qcast_weight_qmax", 127)
+    q, scales = _grid_of(w, qmax, dynamic)
+    w2 = _on_grid(q, scales)
+    same = all(torch.equal(a, b) for a, b in zip(_grid_of(w2, qmax, dynamic), (q, scales)))
+    return ("grid", {"weight_int8": q, "weight_scales": scales}) if same else None
 
 
 def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None) -> nn.Module:
@@ -221,8 +284,20 @@ def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None)
             raise FormatError(f"{path}: refusing to build {spec['class']!r}: not a torch.nn layer")
         cls = _resolve_fn(spec["class"], set())
         m = cls(**_dec(spec["init"], {}))
-        m.load_state_dict({k: tensors[f"{path}::{k}"] for k in spec["tensors"]})
+        state = {k: tensors[f"{path}::{k}"] for k in spec["tensors"]}
+        if spec.get("weight") == "grid":
+            state["weight"] = _on_grid(tensors[f"{path}::weight_int8"], tensors[f"{path}::weight_scales"])
+        elif spec.get("weight") == "rows":
+            rows = tuple(tensors[f"{path}::weight_{k}"] for k in ("uint8", "scales", "zero_points"))
+            state["weight"] = _rows_on_grid(*rows)
+            m.qcast_rows = rows  # what EmbeddingKernel.build packs (re-quantizing the rows would round some apart)
+        if "weight_qmax" in spec:
+            m.qcast_weight_qmax = int(spec["weight_qmax"])
+        m.load_state_dict(state)
         return m.eval()
+    if kind == "qdq":
+        from .observers import QParams
+        return QDQ(QParams(**spec["qparams"]), spec["name"])
     if kind == "user":
         if model is None:
             raise _model_needed(f"this file contains '{path}' ({spec['class']}), which is your own Python code that "
@@ -240,6 +315,48 @@ def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None)
 
 
 # ------------------------------------------------------------------------------------------------
+# node meta of a QDQ graph: what lowering reads (plans, shapes, names, observed values)
+# ------------------------------------------------------------------------------------------------
+def _enc_meta(v: Any, where: str) -> Any:
+    from .capture import TensorMeta
+    from .plan import Plan
+    if isinstance(v, TensorMeta):
+        return {"__tensor_meta__": [str(v.dtype).replace("torch.", ""), list(v.shape)]}
+    if isinstance(v, Plan):
+        fields = {k: getattr(v, k) for k in ("name", "op", "path", "precision", "kind", "engine", "reason", "visible")}
+        fields["fused"] = list(v.fused)
+        fields["kernel"] = [v.kernel.op, v.kernel.backend] if v.kernel is not None else None
+        return {"__plan__": fields}
+    if isinstance(v, (tuple, list)) and any(isinstance(x, (TensorMeta, Plan)) for x in v):
+        return {"__tuple__" if isinstance(v, tuple) else "__list__": [_enc_meta(x, where) for x in v]}
+    return _enc(v, where)
+
+
+def _dec_meta(v: Any, nodes: dict[str, fx.Node]) -> Any:
+    from .capture import TensorMeta
+    from .kernels import lookup
+    from .plan import Plan
+    if isinstance(v, dict) and len(v) == 1:
+        (tag, x), = v.items()
+        if tag == "__tensor_meta__":
+            return TensorMeta(getattr(torch, x[0]), tuple(x[1]))
+        if tag == "__plan__":
+            kernel = lookup(*x["kernel"]) if x["kernel"] else None
+            if x["kernel"] and kernel is None:
+                raise FormatError(f"{x['name']}: the file uses the int8 kernel {x['kernel']}, which this qcast lacks "
+                                  "(saved by a newer qcast?)")
+            return Plan(**{**x, "fused": tuple(x["fused"]), "kernel": kernel})
+        if tag in ("__tuple__", "__list__"):
+            items = [_dec_meta(i, nodes) for i in x]
+            return tuple(items) if tag == "__tuple__" else items
+    return _dec(v, nodes)
+
+
+def _node_meta(n: fx.Node, where: str) -> dict:
+    return {k: _enc_meta(v, f"{where}: node meta {k!r}") for k, v in n.meta.items() if k.startswith("qcast_")}
+
+
+# ------------------------------------------------------------------------------------------------
 # save / load
 # ------------------------------------------------------------------------------------------------
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -254,15 +371,16 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
-    """Write ``qmodel`` to ``path`` (safetensors + JSON manifest). Written atomically: no half files."""
+    """Write ``qmodel`` to ``path`` (safetensors + JSON manifest). Written atomically: no half files.
+
+    What is written is the model's backend-neutral QDQ graph, whatever backend runs it here; a model read from a
+    version 1-2 file (which has none) is written as the torch backend's graph it holds."""
     from safetensors.torch import save_file
 
     if not isinstance(qmodel, QuantizedModel):
         raise FormatError(f"save() needs a model returned by qcast.quantize/convert/load, got {type(qmodel).__name__}")
-    from .convert import on_torch
-    # a model on another backend is written as the torch backend runs it (its QDQ graph lowered again): the file loads
-    # wherever PyTorch runs; load() gives a torch-backend model
-    gm, rows, qmeta = on_torch(qmodel)
+    qdq = qmodel.qcast_qdq
+    gm, kind = (qdq, "qdq") if qdq is not None else (qmodel.graph_module, "torch")
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     attrs: dict[str, str] = {}
@@ -271,12 +389,17 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
         where = n.meta.get("qcast_name", n.name)
         entry = {"name": n.name, "op": n.op, "args": _enc(n.args, where), "kwargs": _enc(n.kwargs, where),
                  "qcast_name": n.meta.get("qcast_name"), "qcast_op": n.meta.get("qcast_op")}
+        if kind == "qdq":
+            entry["meta"] = _node_meta(n, where)
         if n.op == "call_function":
             entry["target"] = _fn_name(n.target)
         else:
             entry["target"] = n.target
         if n.op == "call_module" and n.target not in modules:
-            modules[n.target] = _module_spec(n.target, gm.get_submodule(n.target), tensors)
+            plan = n.meta.get("qcast_plan")
+            int8 = kind == "qdq" and plan is not None and plan.precision == "int8" and plan.kernel is not None
+            modules[n.target] = _module_spec(n.target, gm.get_submodule(n.target), tensors,
+                                             plan.kernel.op if int8 else "")
         if n.op == "get_attr" and n.target not in attrs:
             obj = attr_at(gm, n.target)
             if not isinstance(obj, torch.Tensor):
@@ -284,9 +407,10 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
             tensors[f"attr::{n.target}"] = obj.detach()
             attrs[n.target] = f"attr::{n.target}"
         nodes.append(entry)
+    qmeta, rows = qmodel.qcast_meta, qmodel.qcast_records
     meta = {k: v for k, v in qmeta.items() if k not in ("calibration_summary", "accuracy_search")}
     manifest = {
-        "format": FORMAT, "version": VERSION, "nodes": nodes, "modules": modules, "attrs": attrs,
+        "format": FORMAT, "version": VERSION, "graph": kind, "nodes": nodes, "modules": modules, "attrs": attrs,
         "records": [r.__dict__ for r in rows], "meta": _enc(meta, "meta"),
         "sha256": _digest(tensors), "class_name": type(gm).__name__, "pytree": _pytree_io(gm),
     }
@@ -422,8 +546,12 @@ def _what_it_is(path: str) -> str | None:
     return None
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedModel:
-    """Read a file written by ``save``; ``model`` (the float model) is needed only for uncaptured regions."""
+def load(path: str | os.PathLike, model: nn.Module | None = None, backend: str | None = None) -> QuantizedModel:
+    """Read a file written by ``save``; ``model`` (the float model) is needed only for uncaptured regions.
+
+    ``backend``: who runs the loaded model (default: ``QuantConfig``'s default, ``"auto"`` unless ``QCAST_BACKEND``
+    says otherwise): the saved QDQ graph is lowered for it as ``convert`` would. Files of versions 1-2 hold the torch
+    backend's graph and load on the torch backend."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -462,11 +590,38 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> QuantizedMo
         node = graph.create_node(e["op"], target, tuple(args) if isinstance(args, (list, tuple)) else args, kwargs, name=e["name"])
         if e.get("qcast_name"):
             node.meta["qcast_name"], node.meta["qcast_op"] = e["qcast_name"], e.get("qcast_op")
+        if "meta" in e:
+            node.meta.update({k: _dec_meta(v, env) for k, v in e["meta"].items()})
         env[e["name"]] = node
     gm = fx.GraphModule(root, graph, class_name=manifest.get("class_name", "QcastInt8"))
     _restore_pytree_io(gm, manifest.get("pytree"), path)
-    records = tuple(OpInfo(**r) for r in manifest["records"])
-    return QuantizedModel(gm, records, _dec(manifest["meta"], {}))
+    meta = _dec(manifest["meta"], {})
+    if manifest.get("graph") != "qdq":  # versions 1-2: the torch backend's lowered graph
+        if backend not in (None, "torch", "auto"):
+            raise FormatError(f"{path}: written by an earlier qcast (format version {manifest.get('version', 1)}), "
+                              f"which kept only the torch backend's graph; it cannot be lowered for {backend!r}. "
+                              "Quantize the model again with this qcast and save it")
+        return QuantizedModel(gm, tuple(OpInfo(**r) for r in manifest["records"]), meta)
+    return _lower_loaded(gm, meta, backend, path)
+
+
+def _lower_loaded(qdq: fx.GraphModule, meta: dict, backend: str | None, path: str) -> QuantizedModel:
+    """The saved QDQ graph lowered for ``backend``, as ``convert`` lowers a fresh one."""
+    from .config import QuantConfig
+    from .convert import lower
+    from .errors import ConfigError
+
+    try:
+        config = QuantConfig.from_dict(meta["config"])
+    except ConfigError as e:
+        raise FormatError(f"{path}: its QuantConfig does not validate here ({e}); register the same estimators "
+                          "(qcast.observers.register_estimator) before loading") from None
+    gm, rows, name, choice = lower(qdq, config, meta.get("opaque", {}), backend or QuantConfig().backend)
+    meta = {**meta, "backend": name}
+    meta.pop("backend_choice", None)
+    if choice is not None:
+        meta["backend_choice"] = choice
+    return QuantizedModel(gm, rows, meta, qdq)
 
 
 __all__ = ["save", "load"]

@@ -92,17 +92,29 @@ def _write_with_metadata(path, data: bytes, metadata: dict) -> None:
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
 
 
-def test_version_1_file_with_plain_json_manifest_still_loads(tmp_path):
-    _, q, x = _quantized("cifar_vgg_bn")
-    path = tmp_path / "m.qcast"
-    qcast.save(q, path)
+def _old_format(q, path, version: int) -> None:
+    """A file as qcast wrote it before format 3: the torch backend's lowered graph (what a model without its QDQ graph
+    is saved as), no "graph" key, version 1 (plain JSON manifest) or 2 (zlib)."""
+    qcast.save(qcast.QuantizedModel(q.graph_module, q.qcast_records, q.qcast_meta), path)
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
     manifest = metadata_to_manifest(json.loads(data[8:8 + n])["__metadata__"])
-    manifest["version"] = 1
-    _write_with_metadata(tmp_path / "v1.qcast", data, {"qcast_manifest": json.dumps(manifest)})
+    assert manifest.pop("graph") == "torch"
+    manifest["version"] = version
+    metadata = {"qcast_manifest": json.dumps(manifest)} if version == 1 else manifest_to_metadata(manifest)
+    _write_with_metadata(path, data, metadata)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_files_of_earlier_versions_still_load(tmp_path, version):
+    _, q, x = _quantized("cifar_vgg_bn")
+    _old_format(q, tmp_path / "old.qcast", version)
+    loaded = qcast.load(tmp_path / "old.qcast")
+    assert loaded.qcast_meta["backend"] == "torch" and qcast.explain(loaded) == qcast.explain(q)
     with torch.no_grad():
-        assert torch.equal(qcast.load(tmp_path / "v1.qcast")(x), q(x))
+        assert torch.equal(loaded(x), q(x))
+    with pytest.raises(qcast.FormatError, match="earlier qcast.*openvino"):
+        qcast.load(tmp_path / "old.qcast", backend="openvino")
 
 
 def test_save_writes_no_pickle(tmp_path):
@@ -112,7 +124,7 @@ def test_save_writes_no_pickle(tmp_path):
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert meta["qcast_format"] == "qcast" and meta["qcast_version"] == "2"
+    assert meta["qcast_format"] == "qcast" and meta["qcast_version"] == "3"
     assert metadata_to_manifest(meta)["format"] == "qcast"
     assert b"\x80\x04" not in path.read_bytes()[:64]  # not a pickle stream
 

@@ -325,4 +325,7 @@ class EmbeddingKernel(KernelImpl):
 
     @staticmethod
     def build(node, ctx):
+        rows = getattr(ctx.module(node), "qcast_rows", None) if node.op == "call_module" else None
+        if rows is not None:  # an embedding read from a file: its 8-bit rows as saved (serialize._compact_weight)
+            return QEmbedding(*rows), (node.args[0],)
         return QEmbedding.from_float(_embedding_weight(node, ctx)), (node.args[0],)
