@@ -75,7 +75,9 @@ class QuantConfig:
         percentile: the percentile used by the ``percentile`` estimator.
         engine: int8 engine for conv/linear: ``auto`` (chosen per layer, accuracy first), or a fixed one.
         per_layer: mapping glob/op -> overrides of ``activation``, ``calibration``, ``engine``.
-        backend: who executes the quantized graph: ``"torch"`` (default) or ``"openvino"`` (``pip install "qcast[openvino]"``).
+        backend: who executes the quantized graph: ``"torch"`` (default), ``"openvino"`` (``pip install "qcast[openvino]"``) or
+            ``"onnxruntime"`` (``pip install "qcast[onnxruntime]"``; prepared for it, residual adds are not fused
+            into the conv before them, so ORT can run both in int8).
         bias_correction: correct each int8 conv/linear bias for the mean output shift its weight rounding causes,
             ``(W_q - W) E[x]`` with ``E[x]`` the per-input-channel mean seen during calibration (default on:
             +0.0..+4.3 dB output SQNR measured on every CNN, docs/design.md).
