@@ -11,16 +11,16 @@ next conv. ORT fuses a conv/gemm to QLinearConv/QGemm only on: int8 weight initi
 1. Constant nodes and Identity-of-constant nodes become initializers.
 2. Q -> DQ on a float initializer: the Q is applied once, here; the DQ reads the int8 initializer
    ``<module path>.weight_int8`` (the weight is on its grid already, so nothing moves).
-3. A float bias of a conv/gemm whose input and weight come from DQs: ``round(b / (x_scale * w_scale))`` as int32
+3. A pass-through op (MaxPool, Flatten, Reshape...) fed by a DQ gets Q -> DQ with that DQ's params on its output:
+   its output values are on that grid already, so this is exact, and the next conv sees a DQ input.
+4. A float bias of a conv/gemm whose input and weight come from DQs: ``round(b / (x_scale * w_scale))`` as int32
    through a DQ (the only rounding this rewrite adds: at most half a step of the accumulator, far below the
    output's quantization step).
-4. Relu (or Clip) between a conv/gemm and its output Q is dropped where the Q clamps the same way: Relu when the
+5. Relu (or Clip) between a conv/gemm and its output Q is dropped where the Q clamps the same way: Relu when the
    Q's zero point is its lowest value, Clip when the Q's range lies inside the clip range.
-5. A pass-through op (MaxPool, Flatten, Reshape...) fed by a DQ gets Q -> DQ with that DQ's params on its output:
-   its output values are on that grid already, so this is exact, and the next conv sees a DQ input.
 6. Every DQ gets exactly one consumer (shared DQs are duplicated).
 
-Node and initializer names keep qcast's module paths (weights: ``<path>.weight_int8``) so explain() can map the
+Initializer names keep qcast's module paths (weights: ``<path>.weight_int8``) so explain() can map the
 nodes of ORT's optimized model back to qcast's op rows.
 """
 from __future__ import annotations
@@ -234,9 +234,9 @@ def canonicalize(model):
     g = _Graph(model)
     _fold_constants(g)
     _quantize_weights(g)
+    _requantize_pass_through(g)
     _quantize_biases(g)
     _fold_activations(g)
-    _requantize_pass_through(g)
     _one_consumer_per_dq(g)
     g.write()
     return model
