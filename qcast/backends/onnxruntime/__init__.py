@@ -42,6 +42,9 @@ def session_options(threads: int, optimized_path: str | None = None):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no busy-waiting after a run: a spinning pool taxes torch (and other sessions) in the same process
+    # (benchmarks/peers.py measured ResNet-18 int8 6.1 -> 14 ms with two spinning sessions interleaved)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # the warning that an ORT_ENABLE_ALL model file is CPU-specific: that is what we read
     if optimized_path:
         so.optimized_model_filepath = optimized_path
@@ -134,8 +137,8 @@ class ONNXRuntimeModule(nn.Module):
         expected = ", ".join(_shape_str(i.shape) for i in self._inputs)
         got = ", ".join(str(tuple(t.shape)) for t in tensors)
         return InputError(f"the input shape(s) {got} do not fit the ONNX Runtime model, which takes {expected} ('?' "
-                          "is any size; batch and spatial sizes are free, rank and channels must match the "
-                          "calibration data)" + (f": {detail}" if detail else ""))
+                          "is any size: the batch size is free, the other sizes are those of the calibration data; "
+                          "for another resolution, convert again with such an input, or use backend='torch'" + (f": {detail}" if detail else ""))
 
     def extra_repr(self) -> str:
         return "onnxruntime: " + ", ".join(_shape_str(i.shape) for i in self._inputs)
