@@ -78,8 +78,10 @@ class QuantConfig:
         per_layer: mapping glob/op -> overrides of ``activation``, ``calibration``, ``engine``.
         backend: who executes the quantized graph: ``"auto"`` (default: every installed backend is checked against the
             QDQ simulation and timed on the first calibration batch, the fastest is kept), ``"torch"`` (PyTorch's int8
-            kernels, nothing to install) or ``"openvino"`` (``pip install "qcast[openvino]"``). The environment variable
-            ``QCAST_BACKEND`` changes the default (e.g. ``QCAST_BACKEND=torch``, as the test-suite does).
+            kernels, nothing to install), ``"openvino"`` (``pip install "qcast[openvino]"``) or ``"onnxruntime"``
+            (``pip install "qcast[onnxruntime]"``; prepared for it, residual adds are not fused into the conv before
+            them, so ORT can run both in int8). The environment variable ``QCAST_BACKEND`` changes the default (e.g.
+            ``QCAST_BACKEND=torch``, as the test-suite does).
         bias_correction: correct each int8 conv/linear bias for the mean output shift its weight rounding causes,
             ``(W_q - W) E[x]`` with ``E[x]`` the per-input-channel mean seen during calibration (default on:
             +0.0..+4.3 dB output SQNR measured on every CNN, docs/design.md).

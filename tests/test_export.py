@@ -46,3 +46,21 @@ def test_unknown_format_is_a_clear_error_and_loaded_models_export_the_same_file(
     qcast.export(qmodel, tmp_path / "a.xml")
     qcast.export(qcast.load(tmp_path / "m.qcast", backend="torch"), tmp_path / "b.xml")
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()  # same weights, same qparams
+
+
+def test_onnx_export_runs_in_onnxruntime_with_int8_kernels(quantized, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model, qmodel = quantized
+    path = qcast.export(qmodel, tmp_path / "m.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        sim, ref = qmodel.qcast_qdq(x), model(x)
+    assert sqnr(sim, out) >= 30.0  # rounding flips between engines (tests/backends/test_onnxruntime.py)
+    assert sqnr(ref, out) >= sqnr(ref, qmodel(x)) - 1.0
+    import onnx
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops, ops  # both convs fused into int8 kernels

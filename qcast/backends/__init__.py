@@ -22,7 +22,7 @@ from typing import Callable
 from ..errors import UnsupportedError
 
 #: subpackages that register a backend when imported (cheap imports: no engine)
-BACKEND_MODULES = ("qcast.backends.torch", "qcast.backends.openvino")
+BACKEND_MODULES = ("qcast.backends.torch", "qcast.backends.openvino", "qcast.backends.onnxruntime")
 
 
 def _same_rows(lowered, rows):
@@ -31,7 +31,9 @@ def _same_rows(lowered, rows):
 
 @dataclass(frozen=True)
 class Backend:
-    """One executor of the QDQ graph. ``requires``: the package it needs (None: nothing beyond torch)."""
+    """One executor of the QDQ graph. ``requires``: the package it needs (None: nothing beyond torch).
+    ``conv_add``: whether it runs a conv followed by a residual add as one int8 op (``prepare`` fuses the add into
+    the conv only then; otherwise the conv output gets its own quantization params and the add is an int8 op)."""
 
     name: str
     lower: Callable = field(repr=False)
@@ -39,6 +41,7 @@ class Backend:
     install_hint: str = ""
     kernels: str = "torch"
     explain: Callable = field(default=_same_rows, repr=False)
+    conv_add: bool = True
 
     def available(self) -> bool:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
@@ -54,13 +57,14 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(name: str, *, requires: str | None = None, install_hint: str = "", kernels: str = "torch",
-                     explain: Callable | None = None) -> Callable:
-    """Decorator for a backend's ``lower(qdq, config, example_args, example_kwargs) -> nn.Module``."""
+                     explain: Callable | None = None, conv_add: bool = True) -> Callable:
+    """Decorator for a backend's ``lower(qdq, config, example_args, example_kwargs) -> nn.Module`` (``config``: the
+    model's QuantConfig)."""
 
     def deco(lower: Callable) -> Callable:
         if name in _BACKENDS:
             raise ValueError(f"backend {name!r} registered twice")
-        _BACKENDS[name] = Backend(name, lower, requires, install_hint, kernels, explain or _same_rows)
+        _BACKENDS[name] = Backend(name, lower, requires, install_hint, kernels, explain or _same_rows, conv_add)
         return lower
 
     return deco
@@ -80,8 +84,8 @@ def get_backend(name: str) -> Backend:
     """The backend called ``name``; UnsupportedError (with the pip command) when unknown or not installed."""
     _load()
     if name not in _BACKENDS:
-        raise UnsupportedError(f"unknown backend {name!r}; backends: {sorted(_BACKENDS)} (ONNX Runtime and TensorRT "
-                               "backends are on the roadmap)")
+        raise UnsupportedError(f"unknown backend {name!r}; backends: {sorted(_BACKENDS)} (a TensorRT backend is on "
+                               "the roadmap)")
     backend = _BACKENDS[name]
     backend.check_available()
     return backend

@@ -60,7 +60,7 @@ def get_backend_or_none(name: str) -> Backend | None:
 
 def _agreement(ref, out) -> float:
     from ..report import sqnr
-    from .openvino.structure import flatten
+    from .structure import flatten
     (refs, _), (outs, _) = flatten(ref), flatten(out)
     if len(refs) != len(outs) or any(a.shape != b.shape for a, b in zip(refs, outs)):
         return float("-inf")

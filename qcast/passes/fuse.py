@@ -14,8 +14,9 @@ The residual add needs the shapes of shape propagation (``node.meta['qcast_val']
 writes the conv output into the accumulator's buffer, so ``other`` must be an activation computed by the
 graph (not a parameter/buffer, which it would overwrite) with exactly the conv output's shape and float
 dtype (a broadcast operand would be written out of bounds), must not be the conv output itself, and the
-engine the config gives the conv must be one with conv2d_add (``onednn``, or ``auto``, which picks it).
-Otherwise the add stays a separate op (int8 when its kernel accepts it).
+engine the config gives the conv must be one with conv2d_add (``onednn``, or ``auto``, which picks it), and the
+backend must run conv + add as one int8 op (``Backend.conv_add``: not ONNX Runtime, whose QDQ fusion needs the
+conv output quantized). Otherwise the add stays a separate op (int8 when its kernel accepts it).
 """
 from __future__ import annotations
 
@@ -65,7 +66,13 @@ def _kept_float(node: fx.Node, config: QuantConfig) -> bool:
 
 
 def _add_engine_ok(conv: fx.Node, config: QuantConfig) -> bool:
-    """Whether the engine the config gives this conv has conv2d_add (only onednn; ``auto`` picks it)."""
+    """Whether the engine the config gives this conv has conv2d_add (only onednn; ``auto`` picks it), and the backend
+    runs conv + add as one int8 op."""
+    from ..backends import get_backend
+
+    # backend="auto" plans with the torch kernels, which fuse (the onnxruntime backend then runs those convs in float)
+    if config.backend != "auto" and not get_backend(config.backend).conv_add:
+        return False
     name, op, path = conv.meta.get("qcast_name", ""), conv.meta.get("qcast_op", ""), conv.meta.get("qcast_path", "")
     return config.setting("engine", name, op, path) in ("onednn", "auto") and "onednn" in available()
 

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from ...errors import InputError, UnsupportedError
 from ...quantized import OpInfo
 from .. import register_backend
-from .structure import flatten, unflatten
+from ..structure import FlatIO, flatten, unflatten
 
 #: compile settings besides the thread count (see the module docstring)
 COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
@@ -59,18 +59,6 @@ def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
         scale = weight_scales(conv.weight, conv.qcast_weight_qmax)
         parametrize.register_parametrization(conv, "weight", WeightGrid(scale), unsafe=True)
     return gm
-
-
-class _FlatIO(nn.Module):
-    """What OpenVINO traces: flat tensors in, flat tensors out (a tensor, tuple, dict or dataclass output is
-    rebuilt around the compiled model by ``OpenVINOModule``)."""
-
-    def __init__(self, gm: nn.Module, in_spec):
-        super().__init__()
-        self.gm, self.in_spec = gm, in_spec
-
-    def forward(self, *tensors):
-        return tuple(flatten(self.gm(*unflatten(self.in_spec, tensors)))[0])
 
 
 class OpenVINOModule(nn.Module):
@@ -205,7 +193,7 @@ def to_openvino(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
         _, out_spec = flatten(gm(*bound.args))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript tracer warnings about the QDQ graph's Python
-            model = ov.convert_model(_FlatIO(gm, in_spec).eval(), example_input=tuple(tensors))
+            model = ov.convert_model(FlatIO(gm, in_spec).eval(), example_input=tuple(tensors))
     model.reshape({i: free_dims(t) for i, t in zip(model.inputs, tensors)})
     return model, signature, in_spec, out_spec
 

@@ -1,5 +1,5 @@
 """Flatten a nested value (tensor, tuple/list/namedtuple, dict, dataclass, other constants) into its tensors and a
-spec, and rebuild it: OpenVINO takes and returns flat lists of tensors.
+spec, and rebuild it: engines (OpenVINO, ONNX Runtime) take and return flat lists of tensors.
 
 A spec is a plain nested tuple, so two specs compare with ``==`` (the inputs of a call must match the spec the model
 was compiled with): ``("tensor", dtype, rank)``, ``("seq", type, (specs))``, ``("dict", type, keys, (specs))``,
@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Iterator
 
 import torch
+import torch.nn as nn
 
 
 def flatten(value: Any) -> tuple[list[torch.Tensor], tuple]:
@@ -49,3 +50,15 @@ def _build(spec: tuple, it: Iterator) -> Any:
     if kind == "dict":
         return spec[1](zip(spec[2], [_build(s, it) for s in spec[3]]))
     return spec[1](**dict(zip(spec[2], [_build(s, it) for s in spec[3]])))
+
+
+class FlatIO(nn.Module):
+    """What an engine's converter traces: flat tensors in, flat tensors out (a tensor, tuple, dict or dataclass
+    output is rebuilt around the compiled model from ``out_spec``)."""
+
+    def __init__(self, gm: nn.Module, in_spec: tuple):
+        super().__init__()
+        self.gm, self.in_spec = gm, in_spec
+
+    def forward(self, *tensors):
+        return tuple(flatten(self.gm(*unflatten(self.in_spec, tensors)))[0])
