@@ -3,6 +3,7 @@
     qcast demo                                  quantize the bundled digits CNN, print size/latency/fidelity/layers
     qcast quantize MODULE:FACTORY --calib PATH --out FILE [--engine qnnpack]
     qcast explain FILE [--model MODULE:FACTORY]
+    qcast export FILE OUT.onnx|OUT.xml           the int8 model as ONNX Runtime's / OpenVINO's own file
     qcast report FILE --model MODULE:FACTORY --inputs PATH [--json OUT] [--html OUT]
     qcast sensitivity MODULE:FACTORY --calib PATH [--mode float_one|quantize_one] [--json OUT]
     qcast ops [--engine qnnpack]                the supported-op table, from the kernel registry
@@ -100,11 +101,11 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _load_saved(path: str, model):
+def _load_saved(path: str, model, backend: str | None = None):
     """qcast.load, with the command line's fix when the file needs the float model."""
     import qcast
     try:
-        return qcast.load(path, model=model)
+        return qcast.load(path, model=model, backend=backend)
     except FormatError as e:
         if getattr(e, "needs_model", None) and model is None:
             raise QcastError(f"{e.needs_model}: give the float model's factory, qcast explain {path} --model "
@@ -116,6 +117,15 @@ def cmd_explain(args) -> int:
     import qcast
     model = _load_factory(args.model) if args.model else None
     print(_rows_table(qcast.explain(_load_saved(args.file, model))))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import qcast
+    model = _load_factory(args.model) if args.model else None
+    # torch: the cheapest lowering to load with; the export is made from the file's QDQ graph either way
+    qmodel = _load_saved(args.file, model, backend="torch")
+    print(f"wrote {qcast.export(qmodel, args.out)}")
     return 0
 
 
@@ -179,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("file")
     e.add_argument("--model", help="MODULE:FACTORY of the float model (needed if the file has uncaptured regions)")
     e.set_defaults(fn=cmd_explain)
+    x = sub.add_parser("export", help="write a saved int8 model as an engine's own file: .onnx (canonical QDQ, ONNX "
+                       "Runtime) or .xml (OpenVINO IR)")
+    x.add_argument("file", help="a file written by qcast quantize / qcast.save")
+    x.add_argument("out", help="the file to write: .onnx or .xml")
+    x.add_argument("--model", help="MODULE:FACTORY of the float model (needed if the file has uncaptured regions)")
+    x.set_defaults(fn=cmd_export)
     r = sub.add_parser("report", help="per-layer SQNR of a saved int8 model against its float model")
     r.add_argument("file")
     r.add_argument("--model", required=True)

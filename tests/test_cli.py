@@ -68,3 +68,18 @@ def test_explain_of_a_file_needing_the_float_model_gives_the_command_line_fix(tm
     assert "model=model" not in err  # the Python spelling is no use on the command line
     assert main(["explain", path, "--model", "tests.test_cli:build_unet"]) == 0
     assert "gate" in capsys.readouterr().out
+
+
+def test_export_writes_an_onnx_file_that_onnxruntime_runs(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    saved = tmp_path / "m.qcast"
+    assert main(["quantize", "tests.test_cli:build_small", "--calib", _calib(tmp_path), "--out", str(saved),
+                 "--backend", "torch"]) == 0
+    assert main(["export", str(saved), str(tmp_path / "m.onnx")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 8, 8)
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        ref = build_small()(x)
+    assert out.shape == ref.shape and qcast.report.sqnr(ref, out) > 25.0
