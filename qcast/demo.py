@@ -40,6 +40,11 @@ def run_demo(out: str | None = None) -> int:
     summary = qmodel.qcast_meta["calibration_summary"]
     print(f"quantized in {t_quant:.1f}s from {summary.batches} calibration batches; ranges seen:")
     print("  " + summary.table(limit=6).replace("\n", "\n  "))
+    choice = qmodel.qcast_meta.get("backend_choice")
+    if choice:  # backend="auto": what each installed backend measured on the first calibration batch
+        tried = "; ".join(f"{c['backend']} {c['ms']:.3f} ms" if not c["rejected"] else f"{c['backend']} rejected "
+                          f"({c['rejected'][:60]})" for c in choice["candidates"])
+        print(f"\nbackend: {qmodel.qcast_meta['backend']} (backend='auto', fastest of: {tried}, on {choice['input']})")
 
     with tempfile.TemporaryDirectory() as d:
         fpath, qpath = os.path.join(d, "float.pt"), out or os.path.join(d, "digits.qcast")
