@@ -120,9 +120,12 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
 FLOAT_OUT_NOTE = "fp32 output (no int8 op reads it)"
 
 
-def _int8_reader(node: fx.Node) -> bool:
-    """Whether an int8 op reads ``node``'s value as a quantized input."""
-    return any(is_int8(u) and node in Ctx.plan(u).kernel.impl.quant_inputs(u) for u in node.users)
+def _int8_reader(node: fx.Node, smooths: set) -> bool:
+    """Whether an int8 op reads ``node``'s value as a quantized input. A SmoothQuant ``Smooth`` in front of an int8
+    linear counts as that linear: calibration drops it where the linear's input has no outlier channel, and the
+    linear then reads this value itself."""
+    return any((is_int8(u) and node in Ctx.plan(u).kernel.impl.quant_inputs(u))
+               or (u in smooths and _int8_reader(u, smooths)) for u in node.users)
 
 
 def place_outputs(gm: fx.GraphModule) -> None:
@@ -138,9 +141,11 @@ def place_outputs(gm: fx.GraphModule) -> None:
 
     Model outputs and values read only by float ops therefore stay float (docs/design.md, "Placement").
     """
+    from .smooth import Smooth
+    smooths = {n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Smooth)}
     for node in reversed(list(gm.graph.nodes)):
         p = Ctx.plan(node)
-        if not is_int8(node) or _int8_reader(node):
+        if not is_int8(node) or _int8_reader(node, smooths):
             continue
         if p.kind == "compute" and p.kernel.impl.float_output(node):
             p.float_out = True
