@@ -149,7 +149,8 @@ def place_outputs(gm: fx.GraphModule) -> None:
             continue
         if p.kind == "compute" and p.kernel.impl.float_output(node):
             p.float_out = True
-            p.reason += "; " + FLOAT_OUT_NOTE
+            head, sep, fused = p.reason.partition("; fused ")  # 'fused ...' stays last, as on every row
+            p.reason = f"{head}; {FLOAT_OUT_NOTE}{sep}{fused}"
         else:
             p.precision, p.kind, p.engine, p.float_out = "float", "", "torch-float", False
             p.reason = "no int8 op reads its output, so it runs in float (an int8 result would only be dequantized)"
