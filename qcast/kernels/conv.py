@@ -155,9 +155,12 @@ class QConv(PackedKernelModule):
                                                          self.bias, *conv, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0,
                                                          "relu" if self.act == "relu" else "none", [], "")
             return torch.clamp_(y, 0.0, 6.0) if self.act == "relu6" else y
-        post, args = {"relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}.get(self.act, ("none", []))
-        return torch.ops.onednn.qconv_pointwise(xb, xs, xz, self._packed, self.weight_scales, self._wzp, self.bias,
-                                                *conv, 1.0, 0, torch.float32, post, args, "")
+        clamp = self.act == "relu6" and self.kind == "conv1d"  # oneDNN's conv1d has no hardtanh post-op: relu, then clamp
+        post, args = {"relu": ("relu", []), "relu6": ("relu", []) if clamp else ("hardtanh", [0.0, 6.0])}.get(
+            self.act, ("none", []))
+        y = torch.ops.onednn.qconv_pointwise(xb, xs, xz, self._packed, self.weight_scales, self._wzp, self.bias,
+                                             *conv, 1.0, 0, torch.float32, post, args, "")
+        return y.clamp_(max=6.0) if clamp else y
 
     def _fp32_reference(self, x, accum=None):
         """The fp32-output layer in float arithmetic on the dequantized int8 input and weights (engines without an

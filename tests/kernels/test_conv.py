@@ -218,7 +218,8 @@ def test_fp32_output_matches_int8_times_int8_in_float64(engine, act, kind, group
     torch.manual_seed(0)
     layer = _layer(kind, groups, stride).eval()
     with torch.no_grad():
-        layer.weight.mul_(4.0)  # outputs well beyond 6, so relu6 clips
+        layer.weight.mul_(4.0)
+        layer.bias.add_(5.0)  # outputs beyond 6, so relu6 clips
     mod = layer if act is None else FusedConv(layer, act=act)
     q = QConv.from_float(mod, None, None, engine)
     assert q.float_out and q.act == act and not q.clamp6
