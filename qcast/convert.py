@@ -167,7 +167,11 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
                 else:
                     target = "qcast_k." + _safe(plan.name)
                 root[target] = mod
-                env_q[n] = graph.call_module(target, fx.map_arg(args, pick))
+                call = graph.call_module(target, fx.map_arg(args, pick))
+                if plan.float_out:  # int8 inputs, fp32 output: no int8 op reads it (plan.place_outputs)
+                    env_f[n] = call
+                else:
+                    env_q[n] = call
             else:
                 new = graph.node_copy(n, pick)
                 if n.op == "call_module":
@@ -175,7 +179,8 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
                 if n.op == "call_method" and n.target in getattr(impl, "rename", {}):
                     new.target = impl.rename[n.target]
                 env_q[n] = new
-            env_q[n].meta.update({k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
+            (env_f if plan.float_out else env_q)[n].meta.update(
+                {k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
         else:
             new = graph.node_copy(n, float_arg)
             if n.op in ("call_module", "get_attr"):

@@ -30,6 +30,8 @@ class Plan:
     fused: tuple[str, ...] = ()
     kernel: Kernel | None = field(default=None, repr=False)
     visible: bool = True
+    #: an int8 ``compute`` op whose output no int8 op reads: int8 inputs and weights, fp32 output (no requantize)
+    float_out: bool = False
 
 
 class Ctx:
@@ -108,6 +110,46 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
                     p.reason += "; " + note
                 if fused:  # add_relu: the relu runs inside the int8 add (last, as on convs: '...; fused relu')
                     p.reason += "; fused " + "+".join(fused)
+    place_outputs(gm)
+
+
+FLOAT_OUT_NOTE = "fp32 output (no int8 op reads it)"
+
+
+def _int8_reader(node: fx.Node, smooths: set) -> bool:
+    """Whether an int8 op reads ``node``'s value as a quantized input. A SmoothQuant ``Smooth`` in front of an int8
+    linear counts as that linear: calibration drops it where the linear's input has no outlier channel, and the
+    linear then reads this value itself."""
+    return any((is_int8(u) and node in Ctx.plan(u).kernel.impl.quant_inputs(u))
+               or (u in smooths and _int8_reader(u, smooths)) for u in node.users)
+
+
+def place_outputs(gm: fx.GraphModule) -> None:
+    """Placement: an int8 op's inputs are quantized; its output is requantized only where an int8 op reads it,
+    directly or through int8 passthrough ops. Walking the graph backwards (readers are decided before what they
+    read), an int8 op whose output no int8 op reads:
+
+    * ``compute`` with a float-output kernel (conv/linear, global average, matmul): stays int8 (int8 inputs and
+      weights) and writes fp32 (``Plan.float_out``: no observer, no QDQ after it);
+    * any other (passthrough, fixed, add/mul/cat, hardswish, softmax, norms): runs in float. Its int8 result
+      would only be dequantized, and its own inputs then need no requantization either (unless another int8 op
+      reads them), so the float region at a model's outputs is computed from fp32 conv/linear outputs.
+
+    Model outputs and values read only by float ops therefore stay float (docs/design.md, "Placement").
+    """
+    from .smooth import Smooth
+    smooths = {n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Smooth)}
+    for node in reversed(list(gm.graph.nodes)):
+        p = Ctx.plan(node)
+        if not is_int8(node) or _int8_reader(node, smooths):
+            continue
+        if p.kind == "compute" and p.kernel.impl.float_output(node):
+            p.float_out = True
+            head, sep, fused = p.reason.partition("; fused ")  # 'fused ...' stays last, as on every row
+            p.reason = f"{head}; {FLOAT_OUT_NOTE}{sep}{fused}"
+        else:
+            p.precision, p.kind, p.engine, p.float_out = "float", "", "torch-float", False
+            p.reason = "no int8 op reads its output, so it runs in float (an int8 result would only be dequantized)"
 
 
 def _wants_dynamic(node, ctx: Ctx) -> bool:

@@ -169,7 +169,7 @@ def insert_observers(gm: fx.GraphModule, config: QuantConfig) -> None:
         if not is_int8(node):
             continue
         plan = node.meta["qcast_plan"]
-        if plan.kind in ("compute", "fixed"):
+        if plan.kind in ("compute", "fixed") and not plan.float_out:  # float_out: no int8 op reads it (placement)
             spec = wanted.setdefault(node, {"qmax": 255, "estimator": ctx.setting(node, "calibration")})
             if plan.kind == "fixed":
                 spec["fixed"] = plan.kernel.impl.fixed_qparams

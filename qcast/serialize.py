@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -323,7 +324,7 @@ def _enc_meta(v: Any, where: str) -> Any:
     if isinstance(v, TensorMeta):
         return {"__tensor_meta__": [str(v.dtype).replace("torch.", ""), list(v.shape)]}
     if isinstance(v, Plan):
-        fields = {k: getattr(v, k) for k in ("name", "op", "path", "precision", "kind", "engine", "reason", "visible")}
+        fields = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if f.name not in ("fused", "kernel")}
         fields["fused"] = list(v.fused)
         fields["kernel"] = [v.kernel.op, v.kernel.backend] if v.kernel is not None else None
         return {"__plan__": fields}

@@ -157,8 +157,9 @@ def test_summary_has_batches_and_per_tensor_ranges():
     assert isinstance(summary, qcast.CalibrationSummary)
     assert summary.batches == 5
     names = [r.name for r in summary.ranges]
-    assert len(names) == len(set(names)) >= 3
-    assert "0" in names and "3" in names  # named after the layers that produce the tensors
+    assert len(names) == len(set(names)) >= 2
+    assert "0" in names  # named after the layers that produce the tensors
+    assert "3" not in names  # the last conv's output is the model's: nothing int8 reads it, written fp32, unobserved
     first = summary.ranges[0]  # the model input
     seen = torch.cat(data)
     assert first.min == pytest.approx(float(seen.min())) and first.max == pytest.approx(float(seen.max()))

@@ -52,14 +52,16 @@ def test_unknown_backend_is_unsupported():
 
 
 class SharedConv(nn.Module):
-    """One conv module applied to two inputs of very different ranges (siamese / weight sharing)."""
+    """One conv module applied to two inputs of very different ranges (siamese / weight sharing). Each site's output
+    is read by an int8 conv (h1, h2), so it is requantized, to that site's own params."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(4, 8, 3)
+        self.h1, self.h2 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
 
     def forward(self, big, small):
-        return self.conv(big), self.conv(small)
+        return self.h1(self.conv(big)), self.h2(self.conv(small))
 
 
 class SharedHardswish(nn.Module):
@@ -68,9 +70,10 @@ class SharedHardswish(nn.Module):
         self.c1 = nn.Conv2d(4, 8, 3)
         self.c2 = nn.Conv2d(4, 8, 3)
         self.act = nn.Hardswish()  # one activation module reused
+        self.h1, self.h2 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)  # int8 readers: the hardswish stays int8
 
     def forward(self, big, small):
-        return self.act(self.c1(big)), self.act(self.c2(small))
+        return self.h1(self.act(self.c1(big))), self.h2(self.act(self.c2(small)))
 
 
 def _big_small(g):

@@ -98,23 +98,29 @@ class QMatmul(KernelModule):
     so it loops over batch x heads in Python and needs zero-point correction terms; it wins only with few heads.
     """
 
-    def __init__(self, out_scale: float, out_zero_point: int):
+    def __init__(self, out_scale: float, out_zero_point: int, float_out: bool = False):
         super().__init__()
         self.out_scale, self.out_zero_point = float(out_scale), int(out_zero_point)
+        self.float_out = bool(float_out)  # no int8 op reads the product: left in fp32
 
     def forward(self, a, b):
         # integer operands (q - zp, |value| <= 255) are exact in bf16, so the GEMM may run on bf16 units with fp32
         # accumulation and still give the exact integer sums (below 2^24) that an s8/u8 kernel would
         with exact_int_matmul():
             y = torch.matmul(_centred(a), _centred(b))
-        return torch.quantize_per_tensor(y.mul_(a.q_scale() * b.q_scale()), self.out_scale, self.out_zero_point,
-                                         torch.quint8)
+        y = y.mul_(a.q_scale() * b.q_scale())
+        if self.float_out:
+            return y
+        return torch.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.quint8)
 
     def spec(self):
-        return dict(out_scale=self.out_scale, out_zero_point=self.out_zero_point), {}
+        config = dict(out_scale=self.out_scale, out_zero_point=self.out_zero_point)
+        if self.float_out:  # absent in files written before placement
+            config["float_out"] = True
+        return config, {}
 
     def extra_repr(self):
-        return f"out_scale={self.out_scale:.4g}, zp={self.out_zero_point}"
+        return "fp32 out" if self.float_out else f"out_scale={self.out_scale:.4g}, zp={self.out_zero_point}"
 
 
 @register("matmul", "bmm", kind="compute", engines=("native",),
@@ -149,7 +155,13 @@ class MatmulKernel(KernelImpl):
         return [a for a in node.args[:2] if isinstance(a, fx.Node)]
 
     @staticmethod
+    def float_output(node) -> bool:
+        return True
+
+    @staticmethod
     def build(node, ctx):
+        if ctx.plan(node).float_out:
+            return QMatmul(1.0, 0, float_out=True), tuple(node.args[:2])
         qp = ctx.out_qparams(node)
         return QMatmul(qp.scale, qp.zero_point), tuple(node.args[:2])
 

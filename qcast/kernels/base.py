@@ -33,6 +33,12 @@ class KernelImpl:
         return default
 
     @staticmethod
+    def float_output(node: fx.Node) -> bool:
+        """Whether this ``compute`` op has a kernel that writes fp32 (used where no int8 op reads its output;
+        without one the op runs in float there, ``plan.place_outputs``)."""
+        return False
+
+    @staticmethod
     def engine(node: fx.Node, ctx) -> str:
         return "native"
 

@@ -51,8 +51,10 @@ class QConv(PackedKernelModule):
 
     def __init__(self, kind, weight_int8, weight_scales, bias=None, stride=(1,), padding=(0,), dilation=(1,),
                  groups=1, out_scale=1.0, out_zero_point=0, act=None, add=False, clamp6=False, engine="onednn",
-                 clone_accum=False):
+                 clone_accum=False, float_out=False):
         super().__init__()
+        # no int8 op reads the output: write fp32 (oneDNN's qconv/qlinear_pointwise with an fp32 output dtype)
+        self.float_out = bool(float_out)
         # conv2d_add writes its result into the accumulator's storage: clone it when the graph reads it later
         self.clone_accum = bool(clone_accum)
         self.kind, self.act, self.add, self.clamp6, self.engine = kind, act, bool(add), bool(clamp6), engine
@@ -65,6 +67,10 @@ class QConv(PackedKernelModule):
                                                       torch.zeros_like(self.weight_scales, dtype=torch.long), 0)
         self._wq = wq
         self._packs: dict[tuple, object] = {}
+        # fp32 output: oneDNN's pointwise ops where the layer runs on onednn; otherwise (x86/fbgemm/qnnpack have no
+        # fp32-output int8 conv) the same sums in fp32 arithmetic on the dequantized int8 values
+        self._onednn_fp32 = self.float_out and engine == "onednn" and hasattr(torch.ops.onednn, "qconv_pointwise")
+        self._wzp = torch.zeros(self.weight_scales.shape, dtype=torch.long)
         self._packed = self._repack()
         if add:
             self._fn = torch.ops.quantized.conv2d_add_relu if act == "relu" else torch.ops.quantized.conv2d_add
@@ -72,19 +78,25 @@ class QConv(PackedKernelModule):
             self._fn = _OPS[(kind, "relu" if act in ("relu", "relu6") else None)]
 
     @classmethod
-    def from_float(cls, mod: nn.Module, out_scale: float, out_zero_point: int, engine: str):
+    def from_float(cls, mod: nn.Module, out_scale: float | None, out_zero_point: int | None, engine: str):
+        """``out_scale=None``: an fp32 output (no int8 op reads it)."""
         conv, act, add = _split(mod)
         kind = "linear" if isinstance(conv, nn.Linear) else ("conv1d" if isinstance(conv, nn.Conv1d) else "conv2d")
         # a fewer-bit weight of the QDQ graph is already on its grid; to_qdq marks the grid's largest int on the layer
         wq = quantize_weight(conv.weight, getattr(conv, "qcast_weight_qmax", 127))
         kw = {} if kind == "linear" else dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                                               groups=conv.groups)
-        clamp6 = act == "relu6" and out_scale * (255 - out_zero_point) > 6.0 + out_scale
+        float_out = out_scale is None
+        if float_out:
+            out_scale, out_zero_point = 1.0, 0
+        clamp6 = not float_out and act == "relu6" and out_scale * (255 - out_zero_point) > 6.0 + out_scale
         return cls(kind, wq.int_repr(), wq.q_per_channel_scales(), conv.bias.detach() if conv.bias is not None else None,
                    out_scale=out_scale, out_zero_point=out_zero_point, act=act, add=add, clamp6=clamp6,
-                   engine=engine, **kw)
+                   engine=engine, float_out=float_out, **kw)
 
     def forward(self, x, accum=None):
+        if self.float_out:
+            return self._forward_fp32(x, accum)
         if self.add:
             return self._conv_add(x, accum)
         y = self._fn(x, self._packed_for(x), self.out_scale, self.out_zero_point)
@@ -96,6 +108,13 @@ class QConv(PackedKernelModule):
     MAX_PACKS = 4
 
     def _repack(self):
+        if self._onednn_fp32:
+            if self.kind == "linear":
+                return torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
+            # the input params given here are not used by the kernel (it takes them on each call; measured exact
+            # with other params than packed)
+            return torch.ops.onednn.qconv_prepack(self.weight_int8, self.weight_scales, 1.0, 0, list(self.stride),
+                                                  list(self.padding), list(self.dilation), self.groups, None)
         return _pack(self.kind, self._wq, self.bias, self.stride, self.padding, self.dilation, self.groups, self.engine)
 
     def _packed_for(self, x):
@@ -118,6 +137,48 @@ class QConv(PackedKernelModule):
                 return self._packed
             self._packs[key] = packed
         return packed
+
+    def _forward_fp32(self, x, accum=None):
+        """act(conv(x) [+ accum]) written as fp32: int8 input x int8 weight summed exactly (int32 / exact fp32
+        accumulation), times the scales, plus the bias, then the fused post-ops; no requantization."""
+        if not self._onednn_fp32 or x.dtype != torch.quint8 or (self.add and tuple(accum.shape) != self._out_shape(x.shape)):
+            return self._fp32_reference(x, accum)
+        xb, xs, xz = _bytes(x), x.q_scale(), x.q_zero_point()
+        if self.kind == "linear":
+            post, args = {"relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}.get(self.act, ("none", []))
+            return torch.ops.onednn.qlinear_pointwise(xb, xs, xz, self._packed, self.weight_scales, self._wzp, self.bias,
+                                                      1.0, 0, torch.float32, post, args, "")
+        conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        if self.add:  # oneDNN's "sum" post-op into a fresh fp32 copy of the dequantized residual
+            acc = accum.dequantize().contiguous(memory_format=torch.channels_last)
+            y = torch.ops.onednn.qconv2d_pointwise.binary(xb, xs, xz, self._packed, self.weight_scales, self._wzp, acc,
+                                                         self.bias, *conv, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0,
+                                                         "relu" if self.act == "relu" else "none", [], "")
+            return torch.clamp_(y, 0.0, 6.0) if self.act == "relu6" else y
+        clamp = self.act == "relu6" and self.kind == "conv1d"  # oneDNN's conv1d has no hardtanh post-op: relu, then clamp
+        post, args = {"relu": ("relu", []), "relu6": ("relu", []) if clamp else ("hardtanh", [0.0, 6.0])}.get(
+            self.act, ("none", []))
+        y = torch.ops.onednn.qconv_pointwise(xb, xs, xz, self._packed, self.weight_scales, self._wzp, self.bias,
+                                             *conv, 1.0, 0, torch.float32, post, args, "")
+        return y.clamp_(max=6.0) if clamp else y
+
+    def _fp32_reference(self, x, accum=None):
+        """The fp32-output layer in float arithmetic on the dequantized int8 input and weights (engines without an
+        fp32-output int8 kernel, and a residual that broadcasts only at run time)."""
+        w = self.weight_int8.float() * self.weight_scales.view(-1, *([1] * (self.weight_int8.dim() - 1)))
+        xf = x.dequantize()
+        if self.kind == "linear":
+            y = torch.nn.functional.linear(xf, w, self.bias)
+        else:
+            fn = torch.nn.functional.conv2d if self.kind == "conv2d" else torch.nn.functional.conv1d
+            y = fn(xf, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.add:
+            y = y + accum.dequantize()
+        if self.act == "relu":
+            y = torch.relu(y)
+        elif self.act == "relu6":
+            y = torch.nn.functional.relu6(y)
+        return y
 
     def _conv_add(self, x, accum):
         """act(conv(x) + accum) with ``quantized::conv2d_add[_relu]``, which writes into ``accum``'s buffer.
@@ -172,6 +233,8 @@ class QConv(PackedKernelModule):
         config = dict(kind=self.kind, stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
                       groups=self.groups, out_scale=self.out_scale, out_zero_point=self.out_zero_point, act=self.act,
                       add=self.add, clamp6=self.clamp6, engine=self.engine, clone_accum=self.clone_accum)
+        if self.float_out:  # absent in files written before placement: they load with float_out=False
+            config["float_out"] = True
         tensors = {"weight_int8": self.weight_int8, "weight_scales": self.weight_scales}
         if self.bias is not None:
             tensors["bias"] = self.bias
@@ -180,7 +243,8 @@ class QConv(PackedKernelModule):
     def extra_repr(self):
         post = "+".join(p for p in (("add" if self.add else ""), self.act or "") if p)
         return (f"{self.kind}, out={tuple(self.weight_int8.shape)}, engine={self.engine}"
-                + (f", fused={post}" if post else "") + f", out_scale={self.out_scale:.4g}, zp={self.out_zero_point}")
+                + (f", fused={post}" if post else "")
+                + (", fp32 out" if self.float_out else f", out_scale={self.out_scale:.4g}, zp={self.out_zero_point}"))
 
 
 @register("conv1d", "conv2d", "linear", kind="compute", engines=("onednn", "x86", "fbgemm", "qnnpack"),
@@ -252,7 +316,13 @@ class ConvKernel(KernelImpl):
         return REDUCE_RANGE.get(engine, True)
 
     @staticmethod
+    def float_output(node) -> bool:
+        return True
+
+    @staticmethod
     def build(node, ctx):
+        if ctx.plan(node).float_out:  # no int8 op reads the output (plan.place_outputs): fp32 out, no requantize
+            return QConv.from_float(ctx.module(node), None, None, ctx.plan(node).engine), tuple(node.args)
         qp = ctx.out_qparams(node)
         mod = QConv.from_float(ctx.module(node), qp.scale, qp.zero_point, ctx.plan(node).engine)
         if mod.add:

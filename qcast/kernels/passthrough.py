@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..capture import TensorMeta
+from ..observers import QParams
 from .base import KernelImpl, KernelModule, input_meta, kernel_module, not_float_input
 from .registry import register
 
@@ -72,12 +73,14 @@ class InterpolateKernel(Passthrough):
 
 @kernel_module
 class QAverage(KernelModule):
-    """A global average (adaptive_avg_pool / mean) on the dequantized input, requantized to calibrated params."""
+    """A global average (adaptive_avg_pool / mean) on the dequantized input, requantized to calibrated params
+    (``float_out``: left in fp32, where no int8 op reads it)."""
 
-    def __init__(self, how: str, sizes, keepdim: bool, out_scale: float, out_zero_point: int):
+    def __init__(self, how: str, sizes, keepdim: bool, out_scale: float, out_zero_point: int, float_out: bool = False):
         super().__init__()
         self.how, self.sizes, self.keepdim = how, [None if s is None else int(s) for s in sizes], bool(keepdim)
         self.out_scale, self.out_zero_point = float(out_scale), int(out_zero_point)
+        self.float_out = bool(float_out)
 
     def forward(self, x):
         y = x.dequantize()
@@ -87,14 +90,20 @@ class QAverage(KernelModule):
             y = torch.nn.functional.adaptive_avg_pool1d(y, self.sizes)
         else:
             y = torch.nn.functional.adaptive_avg_pool2d(y, self.sizes)
+        if self.float_out:
+            return y
         return torch.quantize_per_tensor(y, self.out_scale, self.out_zero_point, torch.quint8)
 
     def spec(self):
-        return dict(how=self.how, sizes=self.sizes, keepdim=self.keepdim, out_scale=self.out_scale,
-                    out_zero_point=self.out_zero_point), {}
+        config = dict(how=self.how, sizes=self.sizes, keepdim=self.keepdim, out_scale=self.out_scale,
+                      out_zero_point=self.out_zero_point)
+        if self.float_out:  # absent in files written before placement
+            config["float_out"] = True
+        return config, {}
 
     def extra_repr(self):
-        return f"{self.how} {self.sizes}, out_scale={self.out_scale:.4g}, zp={self.out_zero_point}"
+        return f"{self.how} {self.sizes}, " + ("fp32 out" if self.float_out else
+                                               f"out_scale={self.out_scale:.4g}, zp={self.out_zero_point}")
 
 
 @register("adaptive_avg_pool", "mean", kind="passthrough", engines=("native",),
@@ -127,20 +136,25 @@ class AverageKernel(Passthrough):
         return default
 
     @staticmethod
+    def float_output(node) -> bool:
+        return True
+
+    @staticmethod
     def build(node, ctx):
-        qp = ctx.out_qparams(node)
+        float_out = ctx.plan(node).float_out
+        qp = QParams(1.0, 0) if float_out else ctx.out_qparams(node)
         rank = len(ctx.meta(node.args[0]).shape)
         if ctx.op(node) == "mean":
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
             keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
             dims = list(range(rank)) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
-            return QAverage("mean", dims, bool(keepdim), qp.scale, qp.zero_point), (node.args[0],)
+            return QAverage("mean", dims, bool(keepdim), qp.scale, qp.zero_point, float_out), (node.args[0],)
         if node.op == "call_module":
             size = ctx.module(node).output_size
         else:
             size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
         size = [size] * (rank - 2) if isinstance(size, int) or size is None else list(size)
-        return QAverage("adaptive_avg_pool", size, False, qp.scale, qp.zero_point), (node.args[0],)
+        return QAverage("adaptive_avg_pool", size, False, qp.scale, qp.zero_point, float_out), (node.args[0],)
 
     @staticmethod
     def note(node, ctx) -> str:

@@ -5,9 +5,10 @@ quantize->dequantize points and fake-quantized weights, run in float), and for e
 points and weight fake-quant that belong to it are switched off or on:
 
 * ``mode="float_one"``: everything quantized except this layer. Its weights go back to float, and so do the QDQ
-  points no other int8 layer needs (its output, and inputs only it reads). ``delta`` = metric with the layer in
+  points no other int8 layer reads (the inputs only it reads). ``delta`` = metric with the layer in
   float minus the fully quantized metric: how much keeping it float helps.
-* ``mode="quantize_one"``: only this layer quantized (its weights and the QDQ points on its inputs and output).
+* ``mode="quantize_one"``: only this layer quantized (its weights and the QDQ points on its inputs; its output is
+  requantized only for an int8 reader, as in the real model).
   ``delta`` = float metric minus the metric with this layer alone quantized: how much it alone hurts. With the
   default metric the float model's SQNR against itself is infinite, so ``delta`` is then ``-value``: the
   output noise in dB (relative to the signal) this layer alone adds.
@@ -171,9 +172,8 @@ class Simulation:
                 p = _point_of(inp)
                 if p is not None:
                     self.owners[p.name].add(name)
-            for user in n.users:
-                if "qcast_observes" in user.meta:
-                    self.owners[user.name].add(name)
+            # a QDQ point belongs to the int8 ops that read it, not to the op that writes it: a value is requantized
+            # only for an int8 reader (plan.place_outputs), so with its readers in float the real model writes it fp32
             swaps = []
             if n.op == "call_module":
                 qmod = gm.get_submodule(n.target)

@@ -145,7 +145,9 @@ def test_each_input_shape_gets_its_own_packed_weight_with_identical_results():
         again = [r.qmodel(x) for x in reversed(xs)]   # ... then the other
     for a, b in zip(first, reversed(again)):
         assert torch.equal(a, b)
-    convs = [m for m in r.qmodel.modules() if isinstance(m, QConv)]
+    # an fp32-output conv (the last one: nothing int8 reads it) runs oneDNN's pointwise op, which has no per-shape cache
+    convs = [m for m in r.qmodel.modules() if isinstance(m, QConv) and not m.float_out]
+    assert convs
     for m in convs:
         assert len(m._packs) == min(len(shapes) + 1, QConv.MAX_PACKS)  # + the held-out input's batch-2 shape
     # past MAX_PACKS a new shape still runs (on the shared packed weight) and gives the same numbers
@@ -177,3 +179,89 @@ def test_functional_conv_and_linear_say_whether_their_weight_is_a_parameter():
     assert "'weight' (a parameter or buffer of the model)" in rows["conv2d"].reason and "nn.Conv2d" in rows["conv2d"].reason
     assert "computed at run time (an activation" in rows["conv2d#2"].reason, rows["conv2d#2"].reason
     assert "'proj' (a parameter or buffer" in rows["linear"].reason and "nn.Linear" in rows["linear"].reason
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32 output (placement: no int8 op reads the layer's output): oneDNN's qconv/qlinear_pointwise
+# ------------------------------------------------------------------------------------------------
+def _explicit(q: QConv, x: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 input x int8 weight in float64 (the integers times their scales), + bias, + residual, then act."""
+    xi = (x.int_repr().double() - x.q_zero_point()) * x.q_scale()
+    w = q.weight_int8.double() * q.weight_scales.double().view(-1, *([1] * (q.weight_int8.dim() - 1)))
+    b = None if q.bias is None else q.bias.double()
+    if q.kind == "linear":
+        y = torch.nn.functional.linear(xi, w, b)
+    else:
+        fn = torch.nn.functional.conv2d if q.kind == "conv2d" else torch.nn.functional.conv1d
+        y = fn(xi, w, b, q.stride, q.padding, q.dilation, q.groups)
+    if acc is not None:
+        y = y + (acc.int_repr().double() - acc.q_zero_point()) * acc.q_scale()
+    return {"relu": torch.relu, "relu6": lambda t: t.clamp(0, 6)}.get(q.act, lambda t: t)(y)
+
+
+def _layer(kind: str, groups: int = 1, stride: int = 1) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(24, 10)
+    if kind == "conv1d":
+        return nn.Conv1d(8, 8, 3, stride=stride, padding=1, groups=groups)
+    return nn.Conv2d(8, 8, 3, stride=stride, padding=1, groups=groups)
+
+
+@pytest.mark.parametrize("engine", ["onednn", "x86"])  # x86: no fp32-output int8 conv, the fp32-arithmetic path
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+@pytest.mark.parametrize("kind,groups,stride,shape", [
+    ("conv2d", 1, 1, (2, 8, 9, 9)), ("conv2d", 8, 2, (2, 8, 9, 9)), ("conv2d", 4, 1, (1, 8, 7, 5)),
+    ("conv1d", 1, 1, (2, 8, 30)), ("linear", 1, 1, (5, 24)), ("linear", 1, 1, (2, 7, 24))])
+def test_fp32_output_matches_int8_times_int8_in_float64(engine, act, kind, groups, stride, shape):
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"{engine} not in this build")
+    torch.manual_seed(0)
+    layer = _layer(kind, groups, stride).eval()
+    with torch.no_grad():
+        layer.weight.mul_(4.0)
+        layer.bias.add_(5.0)  # outputs beyond 6, so relu6 clips
+    mod = layer if act is None else FusedConv(layer, act=act)
+    q = QConv.from_float(mod, None, None, engine)
+    assert q.float_out and q.act == act and not q.clamp6
+    x = torch.quantize_per_tensor(torch.rand(shape) * 4 - 1, 4 / 255, 64, torch.quint8)
+    if len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = q(x)
+    ref = _explicit(q, x)
+    assert out.dtype == torch.float32 and not out.is_quantized and out.shape == ref.shape
+    if act == "relu6":  # the clip fires
+        assert bool((ref == 6).any()) and float(out.max()) <= 6
+    # exact integer sums: only the fp32 rounding of the scaled result differs
+    assert float((out.double() - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_fp32_output_residual_add_leaves_the_accumulator_alone(act, broadcast):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+    q = QConv.from_float(FusedConv(conv, act=act, add=True), None, None, "onednn")
+    x = _q(torch.rand(2, 8, 6, 6), 0.01, 3)
+    acc = _q(torch.randn(1 if broadcast else 2, 8, 6, 6), 0.02, 128)  # batch 1: broadcasts at run time
+    before = acc.int_repr().clone()
+    with torch.no_grad():
+        out = q(x, acc)
+    ref = _explicit(q, x, acc)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert float((out.double() - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
+    assert torch.equal(acc.int_repr(), before)
+
+
+def test_fp32_output_flag_round_trips_through_spec_and_old_specs_load_as_requantizing():
+    torch.manual_seed(0)
+    q = QConv.from_float(nn.Linear(6, 3), None, None, "onednn")
+    config, tensors = q.spec()
+    assert config["float_out"] is True
+    again = QConv.from_spec(config, tensors)
+    x = torch.quantize_per_tensor(torch.rand(4, 6), 1 / 255, 0, torch.quint8)
+    assert again.float_out and torch.equal(again(x), q(x))
+    config.pop("float_out")  # a file written before placement: requantizing, as it was
+    config.update(out_scale=0.01, out_zero_point=128)
+    old = QConv.from_spec(config, tensors)
+    assert not old.float_out and old(x).is_quantized

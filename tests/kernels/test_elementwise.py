@@ -258,7 +258,7 @@ def test_number_operand_is_never_observed():
     torch.manual_seed(0)
     observed = qcast.prepare(NumberArg(lambda y, v: y + v).eval(), (torch.randn(2, 3, 10, 10), 0.5))
     observed_values = [n.meta["qcast_observes"] for n in observed.gm.graph.nodes if "qcast_observes" in n.meta]
-    assert [n.meta.get("qcast_name", n.name) for n in observed_values] == ["x", "conv", "add", "head"]
+    assert [n.meta.get("qcast_name", n.name) for n in observed_values] == ["x", "conv", "add"]  # head: the output, fp32
     assert not [n for n in observed_values if n.op == "placeholder" and n.target == "v"]
     r = _run_number("add")
     assert "v" not in [row.name for row in r.qmodel.qcast_meta["calibration_summary"].ranges]
@@ -284,10 +284,11 @@ def test_number_computed_from_a_shape_runs_int8():
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 8, 1)  # an int8 reader: without it the mul would run in float
 
         def forward(self, x):
             y = self.conv(x)
-            return y * (y.shape[-1] ** -0.5)
+            return self.head(y * (y.shape[-1] ** -0.5))
 
     torch.manual_seed(0)
     r = quantize_small(Scaled(), (2, 3, 16, 16))
@@ -304,10 +305,11 @@ def test_tensor_plus_tensor_add_relu_says_the_relu_is_fused():
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(4, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 8, 1)  # an int8 reader: without it the add would run in float
 
         def forward(self, x):
             y = self.conv(x)
-            return torch.relu(F.max_pool2d(y, 2) + torch.sigmoid(F.avg_pool2d(y, 2)))
+            return self.head(torch.relu(F.max_pool2d(y, 2) + torch.sigmoid(F.avg_pool2d(y, 2))))
 
     torch.manual_seed(0)
     r = quantize_small(PoolAdd(), (2, 4, 12, 12), batches=2)

@@ -103,9 +103,10 @@ class ConvTwice(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.bn = _randomize(nn.BatchNorm2d(4))
+        self.head = nn.Conv2d(4, 4, 1)  # an int8 reader: without one the BN would run in float (placement)
 
     def forward(self, x):
-        return self.bn(self.conv(self.conv(x)))  # one conv module, two call sites
+        return self.head(self.bn(self.conv(self.conv(x))))  # one conv module, two call sites
 
 
 class ConvOutputReused(nn.Module):
@@ -114,10 +115,11 @@ class ConvOutputReused(nn.Module):
         self.conv = nn.Conv2d(4, 8, 3, padding=1)
         self.bn = _randomize(nn.BatchNorm2d(8))
         self.other = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(16, 8, 1)  # an int8 reader: without one the cat and the BN would run in float
 
     def forward(self, x):
         y = self.conv(x)
-        return torch.cat([self.bn(y), self.other(y)], 1)
+        return self.head(torch.cat([self.bn(y), self.other(y)], 1))
 
 
 UNFOLDABLE = {  # kind: (model factory, reason fragment, precision, threshold dB)   measured SQNR
@@ -157,7 +159,7 @@ def test_bn_after_a_conv_called_twice_runs_on_its_own():
     r = quantize_small(ConvTwice(), (2, 4, 12, 12), batches=2)
     bn = next(x for x in r.rows if x.op == "batch_norm")
     assert bn.precision == "int8" and "called at several places" in bn.reason, bn
-    assert [x.precision for x in r.rows if x.op == "conv2d"] == ["int8", "int8"]
+    assert [x.precision for x in r.rows if x.op == "conv2d"] == ["int8", "int8", "int8"]
     assert r.out.shape == r.ref.shape
 
 
@@ -195,7 +197,10 @@ def test_unfoldable_bn_followed_by_relu_runs_as_one_int8_op(tmp_path):
     assert not [x for x in r.rows if x.op == "relu"], r.rows
     torch.manual_seed(0)
     split = quantize_small(PreActivation(), (2, 4, 12, 12), config=qcast.QuantConfig(skip=["relu"]))
-    assert r.sqnr >= split.sqnr, (r.sqnr, split.sqnr)  # measured 34.3 vs 33.3 dB with the relu kept apart (float)
+    # with the relu kept apart (float), nothing int8 reads the BN's output: the BN runs in float too (placement), so
+    # the split model is no longer a BN int8 + relu float comparison (before placement: 34.3 fused vs 33.3 dB split)
+    split_bn = next(x for x in split.rows if x.op == "batch_norm")
+    assert split_bn.precision == "float" and "no int8 op reads its output" in split_bn.reason, split_bn
     assert_sqnr(r.sqnr, 31.0, "BN+ReLU")
     qcast.save(r.qmodel, tmp_path / "m.qcast")
     with torch.no_grad():

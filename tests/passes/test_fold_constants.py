@@ -82,9 +82,10 @@ def test_a_product_of_parameters_becomes_one_constant_operand():
             super().__init__()
             self.conv = nn.Conv2d(4, 8, 3, padding=1)
             self.c = nn.Parameter(torch.rand(1, 8, 1, 1), requires_grad=False)
+            self.head = nn.Conv2d(8, 8, 1)  # an int8 reader: without one the add would run in float (placement)
 
         def forward(self, x):
-            return self.conv(x) + self.c * self.c
+            return self.head(self.conv(x) + self.c * self.c)
 
     torch.manual_seed(0)
     observed = qcast.prepare(M().eval(), torch.randn(2, 4, 12, 12))

@@ -116,10 +116,12 @@ def test_a_fresh_process_loads_it_without_importing_transformers_first(minilm_in
 
 
 def test_accuracy_aware_mode_keeps_the_few_worst_linears_in_float():
-    """Issue 4's per-layer fallback chosen by measurement: with static int8 activations everywhere (cosine ~0.96),
+    """Issue 4's per-layer fallback chosen by measurement: with static int8 activations everywhere (cosine 0.994; ~0.96
+    before placement left the residual-stream linears in fp32),
     the accuracy-aware mode, judged on the calibration sentences' embeddings, keeps a few linears in float and
     meets the target on the held-out ones. Measured: 5 layers (the five output.dense linears, which read the GELU
-    output with its outlier channels), validation 0.9963, held-out 0.9963, 44/49 linear/matmul ops int8, ~55 s."""
+    output with its outlier channels), validation 0.9963, held-out 0.9963, 44/49 linear/matmul ops int8, ~55 s (figures
+    measured before placement)."""
     tokenizer, model = minilm.load()
     calib = minilm.calibration_items(tokenizer, length=64, batch=4)
     cal_sentences = [s for pair in minilm.CALIBRATION_PAIRS for s in pair]
@@ -136,7 +138,9 @@ def test_accuracy_aware_mode_keeps_the_few_worst_linears_in_float():
     ref = minilm.embed(model, test)
     cos_plain = (minilm.embed(plain, test) * ref).sum(-1)
     cos = (minilm.embed(searched, test) * ref).sum(-1)
-    assert cos_plain.mean() < 0.99  # static int8 everywhere misses the target: there is something to recover
+    # static int8 everywhere misses the target: there is something to recover (measured 0.9939 since placement
+    # leaves the linears feeding the float residual stream in fp32; ~0.96 when every linear output was requantized)
+    assert cos_plain.mean() < 0.995
     assert cos.mean() >= 0.995 and cos.min() >= 0.98, (float(cos.mean()), float(cos.min()))
     search = searched.qcast_meta["accuracy_search"]
     rows = qcast.explain(searched)

@@ -17,11 +17,12 @@ FAST = qcast.QuantConfig(calibration="minmax")
 
 
 class Sensitive(nn.Module):
-    """conv1 -> relu -> sens -> gelu (float) -> conv3 -> relu -> fc.
+    """conv1 -> relu -> sens -> relu -> conv3 -> relu -> fc.
 
-    ``sens`` has one output channel with bias -1000: its int8 output range is ~[-1000, 10], so every other channel
-    is crushed to a few steps of ~4. gelu (float) maps the outlier channel to 0, so only ``sens``'s own output
-    quantization suffers: keeping it float recovers almost everything, quantizing it alone costs almost everything.
+    ``conv1`` has one output channel with bias +1000, which ``sens`` ignores (zero weights). ``sens`` quantizes its
+    input (an int8 op's inputs are quantized; conv1's output has no other int8 reader), whose range is then
+    ~[0, 1000]: every other channel is crushed to a few steps of ~4. So only ``sens``'s input quantization suffers:
+    keeping it float recovers almost everything, quantizing it alone costs almost everything.
     """
 
     def __init__(self):
@@ -31,11 +32,12 @@ class Sensitive(nn.Module):
         self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
         self.fc = nn.Linear(8 * 8 * 8, 10)
         with torch.no_grad():
-            self.sens.bias[0] = -1000.0
+            self.conv1.bias[0] = 1000.0
+            self.sens.weight[:, 0] = 0.0
 
     def forward(self, x):
         x = torch.relu(self.conv1(x))
-        x = F.gelu(self.sens(x))
+        x = torch.relu(self.sens(x))
         x = torch.relu(self.conv3(x))
         return self.fc(torch.flatten(x, 1))
 
@@ -56,7 +58,7 @@ def test_the_deliberately_sensitive_layer_ranks_first(model, mode):
     report = qcast.sensitivity(model, _data(), mode=mode, config=FAST, progress=False, cache=False)
     assert isinstance(report, SensitivityReport) and report.mode == mode
     assert [r.name for r in report.rows][0] == "sens", report.table()
-    # candidates: exactly the int8 compute ops explain() names (gelu is float, flatten a passthrough)
+    # candidates: exactly the int8 compute ops explain() names (flatten is a passthrough)
     assert sorted(report.names) == ["conv1", "conv3", "fc", "sens"]
     assert all(isinstance(r, SensitivityRow) for r in report.rows)
     deltas = [r.delta for r in report.rows]
