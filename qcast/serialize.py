@@ -367,7 +367,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -412,7 +412,8 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
     meta = {k: v for k, v in qmeta.items() if k not in ("calibration_summary", "accuracy_search")}
     manifest = {
         "format": FORMAT, "version": VERSION, "graph": kind, "nodes": nodes, "modules": modules, "attrs": attrs,
-        "records": [r.__dict__ for r in rows], "meta": _enc(meta, "meta"),
+        # a QDQ graph's explain() rows come from lowering it at load: only a torch graph (formats 1-2) keeps them
+        "records": [r.__dict__ for r in rows] if kind == "torch" else [], "meta": _enc(meta, "meta"),
         "sha256": _digest(tensors), "class_name": type(gm).__name__, "pytree": _pytree_io(gm),
     }
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
