@@ -5,6 +5,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -158,6 +159,15 @@ def attr_or_none(root: nn.Module, target: str):
         return None
 
 
+def _total(t: torch.Tensor) -> float:
+    """The sum of a float tensor, on this thread: numpy's for float32/float64 (a torch reduction wakes torch's OpenMP
+    pool, whose spinning threads then slowed OpenVINO's and ONNX Runtime's own pools on the same cores: ResNet-18's
+    OpenVINO call 6.7 -> 10.7 ms, docs/design.md), torch's for the dtypes numpy lacks."""
+    if t.dtype in (torch.float32, torch.float64) and not t.requires_grad:
+        return float(np.add.reduce(t.reshape(-1).numpy()))
+    return t.sum().item()
+
+
 def _check_inputs(args: tuple, kwargs: dict) -> None:
     """InputError for an input on another device than the CPU, or with a NaN/Inf: int8 kernels have no NaN, so the
     int8 model would hide what the float model shows (NaN out). One sum per floating-point input tensor (finite sum =>
@@ -168,7 +178,7 @@ def _check_inputs(args: tuple, kwargs: dict) -> None:
             continue
         if t.device.type != "cpu":
             raise InputError(f"input {key!r} is on {t.device}. {WHERE_IT_RUNS}: pass x.cpu()")
-        if t.is_floating_point() and not math.isfinite(t.sum().item()):
+        if t.is_floating_point() and not math.isfinite(_total(t)):
             bad = ~torch.isfinite(t)
             if bool(bad.any()):  # (a sum can overflow to inf on finite data)
                 where = f"input {key!r}" if isinstance(key, str) else f"input {key}"

@@ -62,3 +62,21 @@ class FlatIO(nn.Module):
 
     def forward(self, *tensors):
         return tuple(flatten(self.gm(*unflatten(self.in_spec, tensors)))[0])
+
+
+def flat_inputs(signature, in_spec: tuple, args: tuple, kwargs: dict, engine: str) -> list[torch.Tensor]:
+    """The tensors of a call, bound like the float model's forward and flattened as the engine's model was built
+    (``in_spec``); InputError naming the mismatch otherwise."""
+    from ..errors import InputError
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"the inputs do not fit the model's forward{signature}: {e}") from None
+    bound.apply_defaults()
+    tensors, spec = flatten(bound.args)
+    if spec != in_spec:
+        shapes = lambda sp: str(sp).replace("'", "")  # noqa: E731
+        raise InputError(f"the {engine} model was built for inputs shaped like {shapes(in_spec)}, got {shapes(spec)}: "
+                         "pass the same kinds of inputs (tensors in the same places, the same non-tensor arguments) "
+                         "as at calibration, or use backend='torch'")
+    return tensors

@@ -129,6 +129,20 @@ def test_wrong_input_names_the_expected_shape():
         q_ov(torch.randn(1, 3, 16, 16), torch.randn(1))
 
 
+def test_each_new_input_shape_gets_a_static_compile_up_to_a_bound():
+    """OpenVINO runs a known shape faster (docs/design.md): the first MAX_STATIC shapes get a static-shape compile of
+    their own, later ones run on the dynamic one; every shape computes what the QDQ simulation says."""
+    _, observed = _small(None)
+    q_ov, qdq = qcast.convert(observed, backend="openvino"), to_qdq(observed)
+    ov_module = q_ov.graph_module
+    shapes = [(b, 3, 16 + 4 * (b % 2), 16) for b in range(1, ov_module.MAX_STATIC + 3)]
+    for shape in shapes:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]))
+        with torch.no_grad():
+            assert_sqnr(sqnr(qdq(x), q_ov(x)), SIM_THRESHOLD, f"openvino at {shape} vs QDQ simulation")
+    assert list(ov_module._static) == [(s,) for s in shapes[:ov_module.MAX_STATIC]]
+
+
 def test_calls_from_several_threads_agree():
     _, observed = _small(None)
     q_ov = qcast.convert(observed, backend="openvino")

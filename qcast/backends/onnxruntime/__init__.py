@@ -22,7 +22,7 @@ import torch.nn as nn
 from ...errors import InputError
 from ...quantized import OpInfo
 from .. import register_backend
-from ..structure import flatten, unflatten
+from ..structure import flat_inputs, unflatten
 from .export import export_qdq_onnx, to_onnx
 
 #: ORT's int8 kernels that carry a conv/linear's weights (contrib ops of its QDQ fusions on CPU)
@@ -113,16 +113,7 @@ class ONNXRuntimeModule(nn.Module):
         self._lock = threading.Lock()
 
     def forward(self, *args, **kwargs):
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise InputError(f"the inputs do not fit the model's forward{self.signature}: {e}") from None
-        bound.apply_defaults()
-        tensors, spec = flatten(bound.args)
-        if spec != self.in_spec:
-            raise InputError(f"the ONNX Runtime model was built for inputs shaped like {_shapes(self.in_spec)}, got "
-                             f"{_shapes(spec)}: pass the same kinds of inputs (tensors in the same places, the same "
-                             "non-tensor arguments) as at calibration, or use backend='torch'")
+        tensors = flat_inputs(self.signature, self.in_spec, args, kwargs, "ONNX Runtime")
         if not all(_fits(i.shape, t.shape) for i, t in zip(self._inputs, tensors)):
             raise self._shape_error(tensors, "")
         feed = {i.name: t.detach().cpu().contiguous().numpy() for i, t in zip(self._inputs, tensors)}
@@ -150,10 +141,6 @@ def _fits(declared, shape) -> bool:
 
 def _shape_str(declared) -> str:
     return "[" + ",".join(str(d) if isinstance(d, int) else "?" for d in declared) + "]"
-
-
-def _shapes(spec) -> str:
-    return str(spec).replace("'", "")
 
 
 def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
