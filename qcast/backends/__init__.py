@@ -91,10 +91,31 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
+def check_traceable(qdq, engine: str) -> None:
+    """UnsupportedError for a QDQ graph an engine's tracer would get wrong: one captured through torch.export (Hugging
+    Face models), or one calling a region of the user's own Python that qcast could not capture (its data-dependent
+    ``if`` would be traced once and frozen to the branch the example input took: never silently). ``backend='auto'``
+    then keeps the torch backend, which calls the region as Python on every input."""
+    from ..nn import FusedBatchNorm, FusedConv
+    from ..quantized import QDQ
+    from ..smooth import Smooth
+
+    if hasattr(qdq, "_in_spec"):
+        raise UnsupportedError(f"the {engine} backend does not take models captured through torch.export yet (Hugging "
+                               "Face models); use backend='torch'")
+    ours = (QDQ, FusedConv, FusedBatchNorm, Smooth)
+    regions = [n.target for n in qdq.graph.nodes if n.op == "call_module"
+               and not isinstance(m := qdq.get_submodule(n.target), ours) and not type(m).__module__.startswith("torch.")]
+    if regions:
+        raise UnsupportedError(f"the {engine} backend would trace the uncaptured region(s) {regions[:3]} (your own "
+                               "Python, which qcast keeps in float) once and freeze their data-dependent branches; "
+                               "use backend='torch', which calls them as Python on every input")
+
+
 def kernel_table(backend: str) -> str:
     """The kernel table that plans a model prepared for ``backend`` (``"auto"``: the torch kernels, which every
     backend executes today)."""
     return "torch" if backend in ("torch", "auto") else get_backend(backend).kernels
 
 
-__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table"]
+__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table", "check_traceable"]

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedError
+from .. import check_traceable
 from ..openvino import mark_int8_weights
 from ..structure import FlatIO, flatten
 from .canonical import canonicalize
@@ -49,9 +50,7 @@ def to_onnx(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict | Non
     """The QDQ graph as canonical QDQ ONNX, in memory."""
     import onnx
 
-    if hasattr(qdq, "_in_spec"):
-        raise UnsupportedError("the onnxruntime backend does not take models captured through torch.export yet "
-                               "(Hugging Face models); use backend='torch'")
+    check_traceable(qdq, "onnxruntime")
     gm = mark_int8_weights(qdq)
     signature = inspect.signature(gm.forward)
     bound = signature.bind(*example_args, **(example_kwargs or {}))

@@ -24,9 +24,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ...errors import InputError, UnsupportedError
+from ...errors import InputError
 from ...quantized import OpInfo
-from .. import register_backend
+from .. import check_traceable, register_backend
 from ..structure import FlatIO, flat_inputs, flatten, unflatten
 
 #: compile settings besides the thread count (see the module docstring)
@@ -189,9 +189,7 @@ def to_openvino(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
     ``(model, signature, in_spec, out_spec)``."""
     import openvino as ov
 
-    if hasattr(qdq, "_in_spec"):
-        raise UnsupportedError("the openvino backend does not take models captured through torch.export yet (Hugging "
-                               "Face models); use backend='torch'")
+    check_traceable(qdq, "openvino")
     gm = mark_int8_weights(qdq)
     signature = inspect.signature(gm.forward)
     bound = signature.bind(*example_args, **example_kwargs)
