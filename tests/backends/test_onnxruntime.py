@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import threading
 
 import pytest
 import torch
-import torch.nn as nn
 
 pytest.importorskip("onnxruntime")
 
 import qcast  # noqa: E402
+from tests.backends.common import Small, assert_threads_agree, small_observed  # noqa: E402
 from qcast.backends.onnxruntime import FUSED_WEIGHTED, export_qdq_onnx, fused_layers, optimized_session  # noqa: E402
 from qcast.backends.onnxruntime.export import to_onnx  # noqa: E402
 from qcast.convert import example_call, int8_layers, to_qdq  # noqa: E402
@@ -141,29 +140,9 @@ def test_export_qdq_onnx_writes_a_canonical_model_a_fresh_session_runs(tmp_path)
         assert torch.equal(out, q_ort(x)), "the file and the backend's session differ"
 
 
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.conv2(x)) + x
-        x = torch.relu(self.conv3(x))
-        return self.fc(x.mean((2, 3)))
-
 
 def _small(config=ORT):
-    torch.manual_seed(0)
-    model = Small().eval()
-    g = torch.Generator().manual_seed(0)
-    data = [torch.randn(2, 3, 16, 16, generator=g) for _ in range(4)]
-    observed = qcast.prepare(model, data[0], config)
-    qcast.calibrate(observed, data, progress=False)
-    return model, observed
+    return small_observed(config)
 
 
 def test_a_float_layer_and_another_batch_size():
@@ -194,20 +173,7 @@ def test_wrong_input_names_the_expected_shape():
 def test_calls_from_several_threads_agree():
     _, observed = _small()
     q_ort = qcast.convert(observed, backend="onnxruntime")
-    xs = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    expected = [q_ort(x) for x in xs]
-    got = [None] * len(xs)
-
-    def run(i):
-        for _ in range(5):
-            got[i] = q_ort(xs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert_threads_agree(q_ort)
 
 
 def test_a_saved_model_loads_back_on_onnxruntime(tmp_path):

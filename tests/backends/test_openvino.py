@@ -12,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import threading
 
 import pytest
 import torch
-import torch.nn as nn
 
 pytest.importorskip("openvino")
 
 import qcast  # noqa: E402
+from tests.backends.common import Small, assert_threads_agree, small_observed  # noqa: E402
 from qcast.convert import to_qdq  # noqa: E402
 from qcast.errors import InputError, UnsupportedError  # noqa: E402
 from tests.helpers import (WEIGHTED_OPS, assert_sqnr, build_zoo, leaf_sqnrs, same_structure, sqnr,  # noqa: E402
@@ -82,29 +81,9 @@ def test_quantize_with_openvino_keeps_the_output_structure(name):
         assert s_ov >= s_torch - FLOAT_MARGIN, (s_ov, s_torch)
 
 
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16, 5)
 
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.conv2(x)) + x
-        x = torch.relu(self.conv3(x))
-        return self.fc(x.mean((2, 3)))
-
-
-def _small(config):
-    torch.manual_seed(0)
-    model = Small().eval()
-    g = torch.Generator().manual_seed(0)
-    data = [torch.randn(2, 3, 16, 16, generator=g) for _ in range(4)]
-    observed = qcast.prepare(model, data[0], config)
-    qcast.calibrate(observed, data, progress=False)
-    return model, observed
+def _small(config=None):
+    return small_observed(config)
 
 
 def test_fewer_weight_bits_and_a_float_layer():
@@ -146,20 +125,7 @@ def test_each_new_input_shape_gets_a_static_compile_up_to_a_bound():
 def test_calls_from_several_threads_agree():
     _, observed = _small(None)
     q_ov = qcast.convert(observed, backend="openvino")
-    xs = [torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    expected = [q_ov(x) for x in xs]
-    got = [None] * len(xs)
-
-    def run(i):
-        for _ in range(5):
-            got[i] = q_ov(xs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert_threads_agree(q_ov)
 
 
 def test_save_keeps_the_qdq_graph_and_load_lowers_it_for_the_backend_asked(tmp_path):
