@@ -200,8 +200,11 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
 
 
 def example_call(gm: fx.GraphModule) -> tuple[tuple, dict]:
-    """(args, kwargs) example for ``gm``: a random tensor (zeros for integer dtypes) of the shape and dtype each
-    placeholder had at prepare, the default (or None) for the others. What a backend that traces the graph needs."""
+    """(args, kwargs) example for ``gm``: a random tensor (ones for integer and bool dtypes: a valid token id and an
+    attention mask that masks nothing; zeros masked every token of MiniLM, where the simulation and the int8 kernels
+    then disagree on a degenerate softmax) of the shape and dtype each placeholder had at prepare, the default (or
+    None) for the others. What a backend that traces the graph needs, and what ``backend="auto"`` measures on when
+    no calibration batch is at hand (``load``)."""
     from .capture import TensorMeta
 
     args = []
@@ -209,7 +212,7 @@ def example_call(gm: fx.GraphModule) -> tuple[tuple, dict]:
         if n.op == "placeholder":
             meta = n.meta.get("qcast_val")
             if isinstance(meta, TensorMeta):
-                make = torch.randn if meta.dtype.is_floating_point else torch.zeros
+                make = torch.randn if meta.dtype.is_floating_point else torch.ones
                 args.append(make(meta.shape, dtype=meta.dtype))
             else:
                 args.append(n.args[0] if n.args else None)

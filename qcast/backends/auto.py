@@ -9,6 +9,7 @@ branches on its input's mean, measured 29.7 dB on the torch backend; a wrong low
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,7 @@ def choose(qdq: nn.Module, lower, kernels: str, example: tuple[tuple, dict]) -> 
         ref = qdq(*args, **kwargs)
     lowered: dict[str, nn.Module] = {}
     tried: dict[str, Candidate] = {}
+    fallback = None  # the torch backend's module when it ran but disagreed: kept if every backend disagrees
     for backend in candidates(kernels):
         try:
             module = lower(backend)
@@ -88,9 +90,19 @@ def choose(qdq: nn.Module, lower, kernels: str, example: tuple[tuple, dict]) -> 
         if agree < MIN_SQNR:
             tried[backend.name] = Candidate(backend.name, None, agree, f"output differs from the QDQ simulation: "
                                             f"{agree:.1f} dB < {MIN_SQNR} dB")
+            if backend.name == "torch":
+                fallback = module
             continue
         lowered[backend.name] = module
         tried[backend.name] = Candidate(backend.name, None, agree)
+    if not lowered and fallback is not None:
+        # torch is the reference executor: when the check itself is what failed (e.g. on a degenerate example input),
+        # keep it rather than fail the whole conversion, and say so
+        warnings.warn(f"backend='auto': every backend disagreed with the QDQ simulation on the example input "
+                      f"({'; '.join(f'{c.backend}: {c.rejected}' for c in tried.values())}); keeping torch, the "
+                      "reference executor. Check the model with qcast.compare(model, qmodel, inputs)", UserWarning,
+                      stacklevel=4)
+        lowered["torch"] = fallback
     if not lowered:
         raise UnsupportedError("backend='auto': no installed backend could run this model: " + "; ".join(
             f"{c.backend}: {c.rejected}" for c in tried.values()))

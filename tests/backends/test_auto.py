@@ -127,3 +127,15 @@ def test_a_model_with_an_uncaptured_region_keeps_its_branches_on_every_backend()
     with torch.no_grad():
         for shift in (2.0, -2.0):  # each call takes the branch its own input asks for
             assert sqnr(model(x + shift), qmodel(x + shift)) >= 30.0
+
+
+def test_when_every_backend_disagrees_auto_keeps_torch_and_warns(monkeypatch):
+    """The agreement check can itself be what fails (a degenerate example input): torch, the reference executor, is
+    kept with a warning naming every rejection, rather than failing the conversion."""
+    monkeypatch.setattr(auto, "_agreement", lambda ref, out: 5.0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    with pytest.warns(UserWarning, match=r"every backend disagreed.*torch: output differs.*keeping torch"):
+        qmodel = qcast.quantize(model, [torch.randn(2, 3, 8, 8) for _ in range(3)], backend="auto", progress=False,
+                                check_speed=False)
+    assert qmodel.qcast_meta["backend"] == "torch"

@@ -149,3 +149,18 @@ def test_accuracy_aware_mode_keeps_the_few_worst_linears_in_float():
     mm = [r for r in rows if r.op in ("linear", "matmul")]
     assert sum(r.precision == "int8" for r in mm) >= 0.88 * len(mm)
     assert search.met and set(search.float_layers) == {r.name for r in kept}
+
+
+def test_auto_keeps_the_torch_backend_for_a_hugging_face_model_after_load(minilm_int8, tmp_path):
+    """The engines refuse torch.export graphs; auto keeps torch, also when a file is loaded (the agreement check then
+    runs on inputs made from the graph's shapes: token ids and a mask of ones), and the outputs are the saved model's."""
+    tokenizer, _, qmodel = minilm_int8
+    qcast.save(qmodel, tmp_path / "m.qcast")
+    loaded = qcast.load(tmp_path / "m.qcast", backend="auto")
+    assert loaded.qcast_meta["backend"] == "torch"
+    tried = {c["backend"]: c for c in loaded.qcast_meta["backend_choice"]["candidates"]}
+    assert "torch.export" in tried["openvino"]["rejected"] and "torch.export" in tried["onnxruntime"]["rejected"]
+    assert tried["torch"]["rejected"] == ""  # agrees with the simulation
+    batch = minilm.encode(tokenizer, ["Loaded for whatever engine this machine has."])
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, qmodel(**batch).last_hidden_state)
