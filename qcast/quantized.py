@@ -70,12 +70,37 @@ class QuantizedModel(nn.Module):
             # forward, not __call__: GraphModule.__call__ prints its generated code's traceback to stderr on any
             # error, before qcast's own InputError says what went wrong
             return self.graph_module.forward(*args, **kwargs)
+        except InputError as e:
+            if getattr(e, "engine_shape", False) and self.qcast_qdq is not None:
+                return self._on_torch(e)(*args, **kwargs)
+            raise
         except QcastError:
             raise
         except Exception as e:  # noqa: BLE001 - turned into an error that names the layer
             if not isinstance(self.graph_module, fx.GraphModule):  # another backend's executable: no graph to replay
                 raise
             raise self._diagnose(args, kwargs, e) from e
+
+    def _on_torch(self, why: InputError):
+        """The QDQ graph on the torch backend, lowered once, for input shapes the engine's compiled model does not take
+        (ONNX Runtime fixes all but the batch; OpenVINO the channels, i.e. dim 1, which is a sequence length for
+        (batch, tokens, features) inputs): the model still takes every input the float model takes, as the API says,
+        and the torch backend names what truly does not fit."""
+        torch_model = self.__dict__.get("_qcast_torch")
+        if torch_model is None:
+            import warnings
+
+            from .config import QuantConfig
+            from .convert import lower
+            warnings.warn(f"{why} -> running such inputs on the torch backend (lowered once now); quantize with an "
+                          "input of this shape, or backend='torch', to avoid the switch", UserWarning, stacklevel=3)
+            gm, rows, _, _ = lower(self.qcast_qdq, QuantConfig.from_dict(self.qcast_meta["config"]),
+                                   self.qcast_meta.get("opaque", {}), "torch")
+            # a QuantizedModel of its own: its forward names the layer and what it expected when an input truly does
+            # not fit
+            torch_model = QuantizedModel(gm, rows, {**self.qcast_meta, "backend": "torch"}, self.qcast_qdq)
+            self.__dict__["_qcast_torch"] = torch_model
+        return torch_model
 
     # -- moving the model: int8 kernels live on the CPU, and their packed weights cannot be cast --------------------
     def to(self, *args, **kwargs):

@@ -127,9 +127,11 @@ class ONNXRuntimeModule(nn.Module):
     def _shape_error(self, tensors, detail: str) -> InputError:
         expected = ", ".join(_shape_str(i.shape) for i in self._inputs)
         got = ", ".join(str(tuple(t.shape)) for t in tensors)
-        return InputError(f"the input shape(s) {got} do not fit the ONNX Runtime model, which takes {expected} ('?' "
-                          "is any size: the batch size is free, the other sizes are those of the calibration data; "
-                          "for another resolution, convert again with such an input, or use backend='torch'" + (f": {detail}" if detail else ""))
+        err = InputError(f"the input shape(s) {got} do not fit the ONNX Runtime model, which takes {expected} ('?' "
+                         "is any size: the batch size is free, the other sizes are those of the calibration data; "
+                         "for another resolution, convert again with such an input, or use backend='torch'" + (f": {detail}" if detail else ""))
+        err.engine_shape = True  # QuantizedModel runs such inputs on the torch backend instead
+        return err
 
     def extra_repr(self) -> str:
         return "onnxruntime: " + ", ".join(_shape_str(i.shape) for i in self._inputs)

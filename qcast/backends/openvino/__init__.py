@@ -114,9 +114,11 @@ class OpenVINOModule(nn.Module):
     def _shape_error(self, tensors, detail: str) -> InputError:
         expected = ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
         got = ", ".join(str(tuple(t.shape)) for t in tensors)
-        return InputError(f"the input shape(s) {got} do not fit the OpenVINO model, which takes {expected} ('?' is "
-                          "any size; batch and spatial sizes are free, rank and channels must match the calibration "
-                          "data)" + (f": {detail}" if detail else ""))
+        err = InputError(f"the input shape(s) {got} do not fit the OpenVINO model, which takes {expected} ('?' is "
+                         "any size; batch and spatial sizes are free, rank and channels must match the calibration "
+                         "data)" + (f": {detail}" if detail else ""))
+        err.engine_shape = True  # QuantizedModel runs such inputs on the torch backend instead
+        return err
 
     def extra_repr(self) -> str:
         return "openvino: " + ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
