@@ -60,14 +60,21 @@ def _rows_table(rows) -> str:
 
 
 def cmd_ops(args) -> int:
+    from .backends import backend_names, get_backend
     from .config import ENGINES
-    from .kernels import backends, kernels
+    from .kernels import kernels
     from .kernels.engines import available
-    if args.backend is not None and args.backend not in backends():
-        hint = (f"; {args.backend!r} is an int8 engine of the torch backend: qcast ops --engine {args.backend}"
-                if args.backend in ENGINES else "")
-        raise QcastError(f"unknown backend {args.backend!r}; backends: {backends()}{hint}")
-    rows = kernels(args.backend)
+    table, executor = args.backend, ""
+    if args.backend is not None:
+        if args.backend not in backend_names():
+            hint = (f"; {args.backend!r} is an int8 engine of the torch backend: qcast ops --engine {args.backend}"
+                    if args.backend in ENGINES else "")
+            raise QcastError(f"unknown backend {args.backend!r}; backends: {backend_names()}{hint}")
+        table = get_backend(args.backend).kernels  # the engines execute the plan of the torch kernel table
+        if table != args.backend:
+            executor = (f" planned by the {table} kernel table and executed by {args.backend}, which may run some of "
+                        "them in float: qcast.explain() reads back what it compiled")
+    rows = kernels(table)
     if args.engine is not None:
         if args.engine not in available():
             raise QcastError(f"int8 engine {args.engine!r} is not in this PyTorch build; its engines: {available()}")
@@ -75,7 +82,7 @@ def cmd_ops(args) -> int:
     print(f"{'op':<20} {'backend':<8} {'kind':<12} {'engines':<28} notes")
     for k in rows:
         print(f"{k.op:<20} {k.backend:<8} {k.kind:<12} {','.join(k.engines):<28} {k.notes}")
-    where = f" on engine {args.engine}" if args.engine else ""
+    where = (f" on engine {args.engine}" if args.engine else "") + executor
     print(f"\n{len(rows)} int8 ops{where} ('native': the op's kernel runs on whichever engine is in use). Every other "
           "op runs in float with dequantize/quantize inserted around it, and qcast.explain() says so per op.")
     return 0

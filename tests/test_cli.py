@@ -83,3 +83,9 @@ def test_export_writes_an_onnx_file_that_onnxruntime_runs(tmp_path, capsys):
     with torch.no_grad():
         ref = build_small()(x)
     assert out.shape == ref.shape and qcast.report.sqnr(ref, out) > 25.0
+
+
+def test_ops_for_an_engine_backend_says_it_executes_the_torch_plan(capsys):
+    assert main(["ops", "--backend", "openvino"]) == 0
+    out = capsys.readouterr().out
+    assert "conv2d" in out and "planned by the torch kernel table and executed by openvino" in out
