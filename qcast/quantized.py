@@ -58,8 +58,9 @@ class QuantizedModel(nn.Module):
         self.graph_module = graph_module
         self.qcast_records = tuple(records)
         self.qcast_meta = dict(meta)
-        # the backend-neutral QDQ graph it was lowered from (convert; None after load): what save() writes for a model
-        # on another backend than torch, and what export() converts. Not a submodule: no state_dict entries, no repr.
+        # the backend-neutral QDQ graph it was lowered from (convert, or load of a format-3 file; None for older files):
+        # what save() writes, what export() converts and what shapes an engine cannot take run on (_on_torch). Not a
+        # submodule: no state_dict entries, no repr.
         self.__dict__["qcast_qdq"] = qdq
         # an int8 model is for inference only: hand it out (from convert, quantize and load) in eval mode
         self.eval()
