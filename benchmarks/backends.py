@@ -67,7 +67,7 @@ def main() -> None:
         observed = qcast.prepare(model, calib[0])
         qcast.calibrate(observed, calib, progress=False)
         qdq = to_qdq(observed)
-        q_torch = qcast.convert(observed)
+        q_torch = qcast.convert(observed, backend="torch")
         q_ov = qcast.convert(observed, backend="openvino")
         fns = {
             "torch backend": lambda: q_torch(x),

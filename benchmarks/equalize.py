@@ -214,7 +214,7 @@ def measure(name: str) -> dict:
             eq = observed.gm.meta.get("qcast_equalization")
             for bc in (False, True):
                 observed.qcast_config = observed.qcast_config.replace(bias_correction=bc)
-                qmodel = qcast.convert(observed)
+                qmodel = qcast.convert(observed, backend="torch")  # technique studies: one reference executor
                 with torch.no_grad():
                     row[(col, bc)] = sqnr(ref, qmodel(x))
                 extra = f"  {metric(qmodel)}" if metric else ""

@@ -87,7 +87,7 @@ def measure(name: str, estimators) -> dict:
         t_cal = time.perf_counter() - t0
         for bc in (False, True):
             observed.qcast_config = observed.qcast_config.replace(bias_correction=bc)
-            qmodel = qcast.convert(observed)
+            qmodel = qcast.convert(observed, backend="torch")  # technique studies: one reference executor
             with torch.no_grad():
                 row[(est, bc)] = sqnr(ref, qmodel(x))
             extra = f"  {metric(qmodel)}" if metric else ""

@@ -65,7 +65,7 @@ def main() -> None:
         x = make_input(input_fn, 1, seed=10_000)[0]
         observed = qcast.prepare(model, calib[0])
         qcast.calibrate(observed, calib, progress=False)
-        q_torch = qcast.convert(observed)
+        q_torch = qcast.convert(observed, backend="torch")
         observed_ort = qcast.prepare(model, calib[0], qcast.QuantConfig(backend="onnxruntime"))
         qcast.calibrate(observed_ort, calib, progress=False)
         q_ort = qcast.convert(observed_ort, backend="onnxruntime")

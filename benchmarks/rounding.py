@@ -52,7 +52,7 @@ def measure(name: str, bits_list, iters: int) -> list[dict]:
         for rounding in ("nearest", "adaround"):
             observed.qcast_config = observed.qcast_config.replace(weight_bits=bits, rounding=rounding)
             t0 = time.perf_counter()
-            qmodel = qcast.convert(observed)
+            qmodel = qcast.convert(observed, backend="torch")  # technique studies: one reference executor
             row[f"{rounding}_convert_s"] = time.perf_counter() - t0
             with torch.no_grad():
                 row[rounding] = sqnr(ref, qmodel(x))
