@@ -80,3 +80,14 @@ def flat_inputs(signature, in_spec: tuple, args: tuple, kwargs: dict, engine: st
                          "pass the same kinds of inputs (tensors in the same places, the same non-tensor arguments) "
                          "as at calibration, or use backend='torch'")
     return tensors
+
+
+def shape_error(engine: str, expected: str, tensors, free: str, detail: str = ""):
+    """The InputError of an engine wrapper for input shapes its compiled model does not take, marked ``engine_shape``:
+    ``QuantizedModel`` then runs such inputs on the torch backend instead of raising it (``_on_torch``)."""
+    from ..errors import InputError
+    got = ", ".join(str(tuple(t.shape)) for t in tensors)
+    err = InputError(f"the input shape(s) {got} do not fit the {engine} model, which takes {expected} ('?' is any size: "
+                     f"{free})" + (f": {detail}" if detail else ""))
+    err.engine_shape = True
+    return err

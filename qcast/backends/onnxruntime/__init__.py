@@ -19,10 +19,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ...errors import InputError
 from ...quantized import OpInfo
 from .. import register_backend
-from ..structure import flat_inputs, unflatten
+from ..structure import flat_inputs, shape_error, unflatten
 from .export import export_qdq_onnx, to_onnx
 
 #: ORT's int8 kernels that carry a conv/linear's weights (contrib ops of its QDQ fusions on CPU)
@@ -124,14 +123,9 @@ class ONNXRuntimeModule(nn.Module):
                 raise self._shape_error(tensors, str(e).splitlines()[0]) from None
         return unflatten(self.out_spec, [torch.from_numpy(r) for r in results])
 
-    def _shape_error(self, tensors, detail: str) -> InputError:
-        expected = ", ".join(_shape_str(i.shape) for i in self._inputs)
-        got = ", ".join(str(tuple(t.shape)) for t in tensors)
-        err = InputError(f"the input shape(s) {got} do not fit the ONNX Runtime model, which takes {expected} ('?' "
-                         "is any size: the batch size is free, the other sizes are those of the calibration data; "
-                         "for another resolution, convert again with such an input, or use backend='torch'" + (f": {detail}" if detail else ""))
-        err.engine_shape = True  # QuantizedModel runs such inputs on the torch backend instead
-        return err
+    def _shape_error(self, tensors, detail: str):
+        return shape_error("ONNX Runtime", ", ".join(_shape_str(i.shape) for i in self._inputs), tensors,
+                           "the batch size is free, the other sizes are those of the calibration data", detail)
 
     def extra_repr(self) -> str:
         return "onnxruntime: " + ", ".join(_shape_str(i.shape) for i in self._inputs)

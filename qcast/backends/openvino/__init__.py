@@ -24,10 +24,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ...errors import InputError
 from ...quantized import OpInfo
 from .. import check_traceable, register_backend
-from ..structure import FlatIO, flat_inputs, flatten, unflatten
+from ..structure import FlatIO, flat_inputs, flatten, shape_error, unflatten
 
 #: compile settings besides the thread count (see the module docstring)
 COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
@@ -111,14 +110,9 @@ class OpenVINOModule(nn.Module):
             outs = [torch.from_numpy(results[o].copy()) for o in compiled.outputs]
         return unflatten(self.out_spec, outs)
 
-    def _shape_error(self, tensors, detail: str) -> InputError:
-        expected = ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
-        got = ", ".join(str(tuple(t.shape)) for t in tensors)
-        err = InputError(f"the input shape(s) {got} do not fit the OpenVINO model, which takes {expected} ('?' is "
-                         "any size; batch and spatial sizes are free, rank and channels must match the calibration "
-                         "data)" + (f": {detail}" if detail else ""))
-        err.engine_shape = True  # QuantizedModel runs such inputs on the torch backend instead
-        return err
+    def _shape_error(self, tensors, detail: str):
+        return shape_error("OpenVINO", ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs), tensors,
+                           "batch and spatial sizes are free, the channels are those of the calibration data", detail)
 
     def extra_repr(self) -> str:
         return "openvino: " + ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
