@@ -62,8 +62,8 @@ def _rows_table(rows) -> str:
 def cmd_ops(args) -> int:
     from .backends import backend_names, get_backend
     from .config import ENGINES
-    from .kernels import kernels
-    from .kernels.engines import available
+    from .backends.torch.kernels import kernels
+    from .backends.torch.kernels.engines import available
     table, executor = args.backend, ""
     if args.backend is not None:
         if args.backend not in backend_names():

@@ -70,7 +70,7 @@ class QuantConfig:
         adaround_iters: optimisation steps per layer for AdaRound.
         activation: activation scheme: ``"auto"`` (default: static calibrated int8, except linear layers on token
             sequences, inputs of 3+ dims, which quantize per token at run time), ``"int8"`` (static everywhere),
-            ``"dynamic"`` (every linear per token, ``qcast/kernels/dynamic.py``; other ops static) or ``"float"``.
+            ``"dynamic"`` (every linear per token, ``qcast/backends/torch/kernels/dynamic.py``; other ops static) or ``"float"``.
         calibration: range estimator for activations: ``minmax``, ``ema``, ``percentile``, ``mse`` (default),
             ``kl`` (entropy calibration), or a name registered with ``qcast.observers.register_estimator``.
         percentile: the percentile used by the ``percentile`` estimator.

@@ -1,7 +1,8 @@
 """qcast's float building blocks: what fusion passes put into the graph before quantization.
 
 A fused module computes exactly what the float pattern computed (so calibration sees float behaviour)
-and tells the kernel registry what it is through ``qcast_op`` and ``qcast_fused``.
+and tells the kernel registry what it is through ``qcast_op`` and ``qcast_fused``. ``masked_softmax``: the op a
+decomposed ``scaled_dot_product_attention`` calls for its mask (``passes/decompose_sdpa.py``).
 """
 from __future__ import annotations
 
@@ -78,3 +79,21 @@ class FusedBatchNorm(nn.Module):
 def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """relu(a + b): an add followed by a relu, fused by ``passes.fuse`` into one int8 kernel."""
     return torch.relu(a + b)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                   inplace: bool = False) -> torch.Tensor:
+    """``softmax(scores + mask, -1)`` as ``F.scaled_dot_product_attention`` applies its mask: a float mask is added,
+    a bool mask keeps the True positions (``-inf`` elsewhere), ``causal`` keeps keys ``<= `` the query's position.
+    ``inplace``: ``scores`` is a temporary that may be overwritten."""
+    if causal:
+        L, S = scores.shape[-2:]
+        keep = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    elif mask is not None:
+        if mask.dtype == torch.bool:  # an additive mask is ~10x cheaper than masked_fill on the larger scores
+            mask = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
+                mask.logical_not(), float("-inf"))
+        scores = scores.add_(mask) if inplace and torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape \
+            else scores + mask
+    return torch.softmax(scores, dim=-1)

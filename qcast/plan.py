@@ -4,14 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch.fx as fx
-import torch.nn as nn
 
 from .capture import TensorMeta
 from .config import QuantConfig
-from .kernels import Kernel, lookup
-from .kernels.registry import declined
-from .kernels.base import input_meta
-from .kernels.engines import available
+from .backends.context import Ctx, is_int8
+from .backends.torch.kernels import Kernel, lookup
+from .backends.torch.kernels.registry import declined
+from .backends.torch.kernels.base import input_meta
+from .backends.torch.kernels.engines import available
 
 HIDDEN_OPS = {"getitem", "size", "dim", "contiguous"}
 
@@ -32,51 +32,14 @@ class Plan:
     visible: bool = True
     #: an int8 ``compute`` op whose output no int8 op reads: int8 inputs and weights, fp32 output (no requantize)
     float_out: bool = False
-
-
-class Ctx:
-    """What kernels may ask about the graph while planning and lowering."""
-
-    def __init__(self, gm: fx.GraphModule, config: QuantConfig, qparams: dict | None = None):
-        self.gm, self.config = gm, config
-        self.modules = dict(gm.named_modules())
-        self.qparams = qparams or {}
-        # the kernel table that plans this backend's graph (OpenVINO executes the plan of the torch kernels)
-        from .backends import kernel_table
-        self.kernels = kernel_table(config.backend)
-
-    def module(self, node: fx.Node) -> nn.Module:
-        return self.modules[node.target]
-
-    @staticmethod
-    def meta(node) -> TensorMeta | None:
-        v = node.meta.get("qcast_val") if isinstance(node, fx.Node) else None
-        return v if isinstance(v, TensorMeta) else None
-
-    @staticmethod
-    def op(node: fx.Node) -> str:
-        return node.meta.get("qcast_op", "")
-
-    @staticmethod
-    def plan(node: fx.Node) -> Plan | None:
-        return node.meta.get("qcast_plan")
-
-    def setting(self, node: fx.Node, key: str):
-        return self.config.setting(key, node.meta.get("qcast_name", ""), self.op(node), node.meta.get("qcast_path", ""))
-
-    def out_qparams(self, node: fx.Node):
-        return self.qparams[node]
-
-
-def is_int8(node) -> bool:
-    """Whether the node's value is an int8 tensor (a ``weight_only`` op, e.g. an embedding, has int8 weights only)."""
-    p = Ctx.plan(node) if isinstance(node, fx.Node) else None
-    return p is not None and p.precision == "int8" and p.kind != "weight_only"
+    #: the largest integer of this op's activation inputs' grid: 255 (full u8), 127 where the engine's kernel needs
+    #: 7-bit inputs (x86/fbgemm ``reduce_range``); the kernel table decides it, prepare's observers follow it
+    input_qmax: int = 255
 
 
 def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) -> None:
     """Decide each node's precision; int8 only where a registered kernel accepts it (evidence, not lists)."""
-    from .kernels.transformer import keep_residual_stream_float
+    from .backends.torch.kernels.transformer import keep_residual_stream_float
     keep_residual_stream_float(gm)  # adds/cats feeding a layer_norm stay float (kernels/transformer.py says why)
     ctx = Ctx(gm, config)
     for node in gm.graph.nodes:
@@ -99,9 +62,13 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
             p.precision = "int8"
             p.kind = p.kernel.impl.kind_of(node, p.kernel.kind)
             if p.kind == "compute" and hasattr(p.kernel.impl, "reduce_range"):
-                p.reason = "per-channel s8 weights, u8 activations" + (" (7-bit, reduce_range)" if p.kernel.impl.reduce_range(p.engine) else "")
+                reduced = p.kernel.impl.reduce_range(p.engine)
+                p.input_qmax = 127 if reduced else 255
+                p.reason = "per-channel s8 weights, u8 activations" + (" (7-bit, reduce_range)" if reduced else "")
                 if fused or node.meta.get("qcast_folded"):
                     p.reason += "; fused " + "+".join(["bn"] * bool(node.meta.get("qcast_folded")) + list(fused))
+                if node.meta.get("qcast_engine_note"):
+                    p.reason += "; " + node.meta["qcast_engine_note"]
             else:
                 p.reason = {"fixed": "fixed output params", "passthrough": "runs on the int8 tensor, no requantization",
                             "weight_only": "int8 weights"}.get(p.kind, "requantized to calibrated output params")

@@ -16,7 +16,6 @@ from .capture import MODULE_OPS, bind_inputs, capture, is_float_tensor, propagat
 from .config import QuantConfig
 from .data import as_call, check_finite
 from .errors import WHERE_IT_RUNS, CaptureError, ConfigError, UnsupportedError
-from .kernels.engines import REDUCE_RANGE
 from .observers import FixedQParamsObserver, Observer, make_observer
 from .plan import Ctx, is_int8, plan_graph
 
@@ -101,8 +100,7 @@ def check_patterns(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, st
     otherwise be ignored without a word). Layers inside uncaptured regions count: explain() lists them."""
     ops = [(n.meta["qcast_name"], n.meta["qcast_op"], n.meta.get("qcast_path", "")) for n in gm.graph.nodes
            if n.op in ("call_module", "call_function", "call_method")]
-    from .kernels.attention import decomposed_ops
-    ops += decomposed_ops(gm)  # the ops scaled_dot_product_attention calls become, as explain() names them
+    ops += passes.decomposed_ops(gm)  # the ops scaled_dot_product_attention calls become, as explain() names them
     for path in opaque:
         for sub, m in model.get_submodule(path).named_modules():
             if sub:
@@ -140,14 +138,14 @@ def transform(gm: fx.GraphModule, config: QuantConfig, values: list[Any]) -> Non
     passes.fold_bn(gm)
     _debug("fold_bn", gm)
     propagate_shapes(gm, values)
-    from .kernels.attention import decompose_sdpa  # needs shapes (the query's head dim)
-    if decompose_sdpa(gm, config):
+    if passes.decompose_sdpa(gm, config):  # needs shapes (the query's head dim)
         _debug("decompose_sdpa", gm)
         propagate_shapes(gm, values)  # for the nodes it created
     if config.equalize:  # rescales weights only: shapes stay valid
         gm.meta["qcast_equalization"] = passes.equalize(gm, config)
         _debug("equalize", gm)
-    passes.fuse(gm, config)
+    from .backends import conv_add_rule
+    passes.fuse(gm, config, conv_add=conv_add_rule(config.backend))
     _debug("fuse", gm)
     from .passes.smooth import smooth  # QuantConfig(smoothquant=...): Smooth before int8 linears (qcast/smooth.py)
     if smooth(gm, config):
@@ -176,8 +174,8 @@ def insert_observers(gm: fx.GraphModule, config: QuantConfig) -> None:
         for inp in plan.kernel.impl.quant_inputs(node):
             origin = _origin(inp)
             spec = wanted.setdefault(origin, {"qmax": 255, "estimator": ctx.setting(node, "calibration")})
-            if plan.kind == "compute" and REDUCE_RANGE.get(plan.engine, False):
-                spec["qmax"] = 127
+            if plan.kind == "compute":
+                spec["qmax"] = min(spec["qmax"], plan.input_qmax)
     for i, (value, spec) in enumerate(sorted(wanted.items(), key=lambda kv: list(gm.graph.nodes).index(kv[0]))):
         vname = value.meta.get("qcast_name", value.name)
         if not is_float_tensor(value):  # plan_graph keeps such ops in float; an observer here would never see data

@@ -87,14 +87,24 @@ class QuantizedModel(nn.Module):
         (ONNX Runtime fixes all but the batch; OpenVINO the channels, i.e. dim 1, which is a sequence length for
         (batch, tokens, features) inputs): the model still takes every input the float model takes, as the API says,
         and the torch backend names what truly does not fit."""
-        torch_model = self.__dict__.get("_qcast_torch")
-        if torch_model is None:
+        if self.__dict__.get("_qcast_torch") is None:
             import warnings
-
-            from .config import QuantConfig
-            from .convert import lower
             warnings.warn(f"{why} -> running such inputs on the torch backend (lowered once now); quantize with an "
                           "input of this shape, or backend='torch', to avoid the switch", UserWarning, stacklevel=3)
+        return self.on_torch()
+
+    def on_torch(self) -> "QuantizedModel":
+        """This model's QDQ graph lowered to the torch backend (once, then kept): itself when it already runs there.
+        What ``compare()`` replays layer by layer when an engine runs the model as one compiled graph."""
+        if isinstance(self.graph_module, fx.GraphModule):
+            return self
+        torch_model = self.__dict__.get("_qcast_torch")
+        if torch_model is None:
+            if self.qcast_qdq is None:
+                raise UnsupportedError("this model has no QDQ graph to lower to the torch backend (a file of an earlier "
+                                       "qcast version); quantize the model again")
+            from .config import QuantConfig
+            from .convert import lower
             gm, rows, _, _ = lower(self.qcast_qdq, QuantConfig.from_dict(self.qcast_meta["config"]),
                                    self.qcast_meta.get("opaque", {}), "torch")
             # a QuantizedModel of its own: its forward names the layer and what it expected when an input truly does

@@ -35,8 +35,8 @@ import torch.nn as nn
 
 from .capture import attr_at
 from .errors import FormatError
-from .kernels import backends
-from .kernels.base import KERNEL_MODULES, KernelModule
+from .backends.torch.kernels import backends
+from .backends.torch.kernels.base import KERNEL_MODULES, KernelModule
 from .nn import FusedBatchNorm, FusedConv
 from .quantized import QDQ, OpInfo, QuantizedModel
 from .smooth import Smooth
@@ -128,6 +128,19 @@ def _model_needed(what: str) -> FormatError:
     return err
 
 
+#: qcast modules that moved since files were written: the old name (what files of earlier versions hold) -> the new
+#: one. ``qcast/kernels/`` became the torch backend's ``qcast/backends/torch/kernels/``; ``masked_softmax`` (called by
+#: a decomposed attention's graph) moved with its pass but is still importable from the old module.
+MOVED_MODULES = {"qcast.kernels": "qcast.backends.torch.kernels"}
+
+
+def _moved(mod_name: str) -> str:
+    for old, new in MOVED_MODULES.items():
+        if mod_name == old or mod_name.startswith(old + "."):
+            return new + mod_name[len(old):]
+    return mod_name
+
+
 def _resolve_fn(name: str, allowed_modules: set[str]):
     if name.startswith("builtins."):
         import builtins
@@ -140,7 +153,7 @@ def _resolve_fn(name: str, allowed_modules: set[str]):
         return getattr(getattr(getattr(torch.ops, namespace), op), overload)
     if not (mod_name.split(".")[0] in _SAFE_MODULE_PREFIXES or mod_name in allowed_modules):
         raise _model_needed(f"the saved graph calls {name}, which is your own code")
-    obj = importlib.import_module(mod_name)
+    obj = importlib.import_module(_moved(mod_name))
     for part in qual.split("."):
         obj = getattr(obj, part)
     return obj
@@ -251,7 +264,7 @@ def _compact_weight(m: nn.Module, dynamic: bool) -> tuple[str, dict[str, torch.T
     (checked here); an embedding's rows are given to its kernel as stored (``qcast_rows``). Either way a loaded model
     computes bit for bit what the saved one did; the rebuilt float weight is the grid's (what actually runs). None:
     keep the float weight."""
-    from .kernels.transformer import QEmbedding
+    from .backends.torch.kernels.transformer import QEmbedding
 
     w = m.weight.detach()
     if isinstance(m, nn.Embedding):  # its rows re-quantize differently: load hands them to the kernel as they are
@@ -335,7 +348,7 @@ def _enc_meta(v: Any, where: str) -> Any:
 
 def _dec_meta(v: Any, nodes: dict[str, fx.Node]) -> Any:
     from .capture import TensorMeta
-    from .kernels import lookup
+    from .backends.torch.kernels import lookup
     from .plan import Plan
     if isinstance(v, dict) and len(v) == 1:
         (tag, x), = v.items()

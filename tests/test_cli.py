@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 import qcast
 from qcast.cli import main
-from qcast.kernels import kernels
+from qcast.backends.torch.kernels import kernels
 
 
 def build_small():

@@ -119,7 +119,7 @@ def test_digits_demo_model_accuracy_kept():
 
 def test_cli_ops_lists_registry(capsys):
     from qcast.cli import main
-    from qcast.kernels import kernels
+    from qcast.backends.torch.kernels import kernels
     assert main(["ops"]) == 0
     out = capsys.readouterr().out
     for k in kernels("torch"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import qcast
 from qcast.convert import to_qdq
-from qcast.kernels.conv import QConv
+from qcast.backends.torch.kernels.conv import QConv
 from qcast.quantized import QDQ
 from tests.helpers import assert_sqnr, sqnr
 

@@ -268,3 +268,13 @@ def test_a_torch_save_or_pickle_file_is_named_for_what_it_is(tmp_path, write):
     assert "not a qcast file" in msg and "truncated or corrupted" not in msg, msg
     assert ("torch.save" in msg) == (path.read_bytes()[:2] == b"PK") and "weights_only=True" in msg
     assert "qcast.quantize" in msg and path.read_bytes() == before  # the user's file is never changed
+
+
+def test_functions_saved_under_an_earlier_module_name_still_resolve():
+    """Files of earlier versions name graph functions by the module they lived in then (``qcast/kernels/`` is now the
+    torch backend's ``qcast/backends/torch/kernels/``; masked_softmax moved to ``qcast.nn``)."""
+    from qcast.nn import masked_softmax
+    from qcast.serialize import _resolve_fn
+
+    assert _resolve_fn("qcast.kernels.attention:masked_softmax", set()) is masked_softmax
+    assert _resolve_fn("qcast.nn:masked_softmax", set()) is masked_softmax

@@ -9,7 +9,7 @@ so ``import qcast`` never pays for it and ``available()`` only asks ``importlib.
 torch tensors, with the float model's output structure. ``explain(lowered, rows) -> rows``: the ``explain()`` rows
 as this backend runs them (e.g. the precision OpenVINO actually compiled each conv to).
 
-``kernels`` names the kernel table (``qcast/kernels``) that *plans* the graph: which ops are int8 and with which
+``kernels`` names the kernel table (``qcast/backends/torch/kernels``) that *plans* the graph: which ops are int8 and with which
 params. OpenVINO executes the plan the torch kernels make (same QDQ graph, same int8 ops), so a model prepared for
 one can be converted for the other.
 """
@@ -33,7 +33,9 @@ def _same_rows(lowered, rows):
 class Backend:
     """One executor of the QDQ graph. ``requires``: the package it needs (None: nothing beyond torch).
     ``conv_add``: whether it runs a conv followed by a residual add as one int8 op (``prepare`` fuses the add into
-    the conv only then; otherwise the conv output gets its own quantization params and the add is an int8 op)."""
+    the conv only then; otherwise the conv output gets its own quantization params and the add is an int8 op):
+    ``True``/``False``, or a rule ``engine -> bool`` (the torch backend: only oneDNN has conv2d_add). A backend that
+    executes another's plan (``kernels``) fuses only where both allow it."""
 
     name: str
     lower: Callable = field(repr=False)
@@ -41,7 +43,10 @@ class Backend:
     install_hint: str = ""
     kernels: str = "torch"
     explain: Callable = field(default=_same_rows, repr=False)
-    conv_add: bool = True
+    conv_add: bool | Callable[[str], bool] = True
+
+    def runs_conv_add(self, engine: str) -> bool:
+        return self.conv_add(engine) if callable(self.conv_add) else bool(self.conv_add)
 
     def available(self) -> bool:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
@@ -57,7 +62,8 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(name: str, *, requires: str | None = None, install_hint: str = "", kernels: str = "torch",
-                     explain: Callable | None = None, conv_add: bool = True) -> Callable:
+                     explain: Callable | None = None,
+                     conv_add: bool | Callable[[str], bool] = True) -> Callable:
     """Decorator for a backend's ``lower(qdq, config, example_args, example_kwargs) -> nn.Module`` (``config``: the
     model's QuantConfig)."""
 
@@ -112,10 +118,18 @@ def check_traceable(qdq, engine: str) -> None:
                                "use backend='torch', which calls them as Python on every input")
 
 
+def conv_add_rule(backend: str) -> Callable[[str], bool]:
+    """``engine -> bool``: whether a conv planned for ``backend`` (``"auto"``: every candidate executes the torch
+    plan) runs the residual add after it in the same int8 op; what ``passes.fuse`` is given."""
+    planner = get_backend(kernel_table(backend))
+    runner = planner if backend == "auto" else get_backend(backend)
+    return lambda engine: planner.runs_conv_add(engine) and runner.runs_conv_add(engine)
+
+
 def kernel_table(backend: str) -> str:
     """The kernel table that plans a model prepared for ``backend`` (``"auto"``: the torch kernels, which every
     backend executes today)."""
     return "torch" if backend in ("torch", "auto") else get_backend(backend).kernels
 
 
-__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table", "check_traceable"]
+__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table", "conv_add_rule", "check_traceable"]

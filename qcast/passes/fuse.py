@@ -14,9 +14,9 @@ The residual add needs the shapes of shape propagation (``node.meta['qcast_val']
 writes the conv output into the accumulator's buffer, so ``other`` must be an activation computed by the
 graph (not a parameter/buffer, which it would overwrite) with exactly the conv output's shape and float
 dtype (a broadcast operand would be written out of bounds), must not be the conv output itself, and the
-engine the config gives the conv must be one with conv2d_add (``onednn``, or ``auto``, which picks it), and the
-backend must run conv + add as one int8 op (``Backend.conv_add``: not ONNX Runtime, whose QDQ fusion needs the
-conv output quantized). Otherwise the add stays a separate op (int8 when its kernel accepts it).
+backend must run conv + add as one int8 op for the engine the config gives the conv: the caller passes the rule the
+backend declares (``Backend.conv_add``; the torch backend: oneDNN's conv2d_add, so engine ``onednn`` or ``auto``;
+never ONNX Runtime, whose QDQ fusion needs the conv output quantized). This pass imports no backend. Otherwise the add stays a separate op (int8 when its kernel accepts it).
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from ..capture import TensorMeta
 from ..config import QuantConfig
-from ..kernels.engines import available
 from ..nn import FusedBatchNorm, FusedConv, add_relu
 from ._util import call_sites, finish, only_user, set_module
 
@@ -65,16 +64,14 @@ def _kept_float(node: fx.Node, config: QuantConfig) -> bool:
     return bool(config.skipped_by(name, op, path)) or config.setting("activation", name, op, path) == "float"
 
 
-def _add_engine_ok(conv: fx.Node, config: QuantConfig) -> bool:
-    """Whether the engine the config gives this conv has conv2d_add (only onednn; ``auto`` picks it), and the backend
-    runs conv + add as one int8 op."""
-    from ..backends import get_backend
-
-    # backend="auto" plans with the torch kernels, which fuse (the onnxruntime backend then runs those convs in float)
-    if config.backend != "auto" and not get_backend(config.backend).conv_add:
+def _add_engine_ok(conv: fx.Node, config: QuantConfig, conv_add) -> bool:
+    """Whether the backend runs this conv and the residual add after it as one int8 op: ``conv_add(engine)``, the rule
+    the backend declares (``backends.conv_add_rule``; e.g. the torch backend's oneDNN conv2d_add), given the engine
+    the config asks for this conv. No rule: no conv + add fusion (this pass knows no backend)."""
+    if conv_add is None:
         return False
     name, op, path = conv.meta.get("qcast_name", ""), conv.meta.get("qcast_op", ""), conv.meta.get("qcast_path", "")
-    return config.setting("engine", name, op, path) in ("onednn", "auto") and "onednn" in available()
+    return bool(conv_add(config.setting("engine", name, op, path)))
 
 
 def _accumulator_ok(conv: fx.Node, other: fx.Node) -> bool:
@@ -89,7 +86,9 @@ def _record(dst: fx.Node, src: fx.Node) -> None:
     dst.meta.setdefault("qcast_fused_names", []).append(src.meta.get("qcast_name", src.name))
 
 
-def fuse(gm: fx.GraphModule, config: QuantConfig | None = None) -> fx.GraphModule:
+def fuse(gm: fx.GraphModule, config: QuantConfig | None = None, conv_add=None) -> fx.GraphModule:
+    """Fuse in place. ``conv_add(engine) -> bool``: whether the backend runs conv + residual add as one op (the
+    backend's declared rule, ``qcast.backends.conv_add_rule``); None fuses no residual add."""
     config = config or QuantConfig()
     modules = dict(gm.named_modules())
     sites = call_sites(gm)
@@ -114,7 +113,7 @@ def fuse(gm: fx.GraphModule, config: QuantConfig | None = None) -> fx.GraphModul
         cands = [(x, o) for x, o in ((a, b), (b, a)) if isinstance(o, fx.Node) and isinstance(x, fx.Node)
                  and only_user(x) is add
                  and isinstance(fusable_base(x), nn.Conv2d)
-                 and _accumulator_ok(x, o) and _add_engine_ok(x, config)]
+                 and _accumulator_ok(x, o) and _add_engine_ok(x, config, conv_add)]
         if not cands:
             continue
         # the operand computed last is the fused conv; the other one is ready as the accumulator

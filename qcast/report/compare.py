@@ -22,7 +22,7 @@ from ..capture import bind_inputs, capture, remove_stubs
 from ..config import QuantConfig
 from ..data import as_call, iter_calls
 from ..errors import UnsupportedError
-from ..kernels.base import KernelModule
+from ..backends.torch.kernels.base import KernelModule
 from ..prepare import check_model, placeholder_values, transform
 from ..quantized import QuantizedModel
 
@@ -80,6 +80,8 @@ class CompareReport:
     # bounded random samples of the float activations of the worst layers (with an int8 range):
     # name -> (float32 values, float min, float max over all values seen)
     samples: dict = field(default_factory=dict, compare=False, repr=False)
+    # where the figures come from when an engine runs the model as one compiled graph ("" on the torch backend)
+    note: str = field(default="", compare=False)
 
     def __repr__(self) -> str:
         return f"CompareReport(output_sqnr={self.output_sqnr:.1f} dB, layers={len(self.layers)}, batches={self.batches})"
@@ -93,6 +95,8 @@ class CompareReport:
             sat = "" if r.saturation is None else f"{100 * r.saturation:6.2f}"
             out.append(f"{r.name:<{w}}  {r.op:<18} {r.precision:<5} {r.sqnr:8.1f} {iso:>8} {sat:>6}")
         out.append(f"output SQNR: {self.output_sqnr:.1f} dB over {self.batches} batch(es)")
+        if self.note:
+            out.append(self.note)
         return "\n".join(out)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -219,10 +223,15 @@ def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batche
     config = QuantConfig.from_dict(qmodel.qcast_meta.get("config", {}))
     calls = list(iter_calls(inputs, None, num_batches))
     fgm, bind = _float_graph(model, *calls[0], config)
-    from ..smooth import mirror
-    mirror(fgm, qmodel.graph_module)  # SmoothQuant: the float graph gets the int8 model's per-channel scales
     records = {r.name: r for r in qmodel.qcast_records}
-    qgm = qmodel.graph_module
+    # an engine (OpenVINO, ONNX Runtime) runs the model as one compiled graph, whose inner values cannot be read: the
+    # layers are replayed on the torch lowering of the same QDQ graph (auto checked they agree), the output is the
+    # engine's own
+    layered = qmodel.on_torch()
+    engine = qmodel if layered is not qmodel else None
+    qgm = layered.graph_module
+    from ..smooth import mirror
+    mirror(fgm, qgm)  # SmoothQuant: the float graph gets the int8 model's per-channel scales
     qnodes = {n.meta.get("qcast_name"): n for n in qgm.graph.nodes if n.meta.get("qcast_name")}
     acc: dict[str, list] = {}
     out_acc: list[list] = []
@@ -234,6 +243,8 @@ def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batche
             fr, qr = _Recorder(fgm), _Recorder(qgm)
             fout = fr.run(*bind(args, kwargs))
             qout = qr.run(*placeholder_values(qgm, *bind_inputs(model, args, kwargs)))
+            if engine is not None:
+                qout = engine(*args, **kwargs)
             for i, (a, b) in enumerate(zip(_leaves(fout), _leaves(qout))):
                 if len(out_acc) <= i:
                     out_acc.append([0.0, 0.0])
@@ -272,7 +283,10 @@ def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batche
     worst = [r.name for r in layers if r.range is not None and acc[r.name].get("vals")][:HIST_LAYERS]
     samples = {n: (torch.cat(acc[n]["vals"]).numpy(), acc[n]["fmin"], acc[n]["fmax"]) for n in worst}
     order = tuple(n for n in records if n in acc)
-    return CompareReport(tuple(layers), min(outs) if outs else math.nan, outs, len(calls), order, samples)
+    note = "" if engine is None else (
+        f"output SQNR: the {qmodel.qcast_meta.get('backend')} engine's output; per-layer figures: the same QDQ graph "
+        "replayed on the torch backend (an engine's compiled graph has no per-layer values to read)")
+    return CompareReport(tuple(layers), min(outs) if outs else math.nan, outs, len(calls), order, samples, note)
 
 
 def _sample(s: dict, fv: torch.Tensor, k: int, gen: torch.Generator) -> None:

@@ -13,6 +13,7 @@ import torch
 import qcast
 from qcast.backends import auto
 from qcast.backends.auto import Candidate
+from tests.backends.common import small_observed
 from tests.helpers import build_zoo, leaf_sqnrs, sqnr, zoo_calibration
 
 pytest.importorskip("openvino")
@@ -139,3 +140,21 @@ def test_when_every_backend_disagrees_auto_keeps_torch_and_warns(monkeypatch):
         qmodel = qcast.quantize(model, [torch.randn(2, 3, 8, 8) for _ in range(3)], backend="auto", progress=False,
                                 check_speed=False)
     assert qmodel.qcast_meta["backend"] == "torch"
+
+
+@pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
+def test_compare_reports_layers_and_the_engines_own_output(name):
+    """qcast.compare on a model an engine runs as one compiled graph: per-layer figures replayed on the torch lowering
+    of the same QDQ graph, the output SQNR measured on the engine's output, and the report says so."""
+    pytest.importorskip(name)
+    model, observed = small_observed()
+    qmodel = qcast.convert(observed, backend=name)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    report = qcast.compare(model, qmodel, [x])
+    on_torch = qcast.compare(model, qcast.convert(observed, backend="torch"), [x])
+    assert {r.name for r in report.layers} == {r.name for r in on_torch.layers}
+    with torch.no_grad():
+        ref, out = model(x), qmodel(x)
+    assert report.output_sqnr == pytest.approx(sqnr(ref, out), abs=0.01)  # the engine's output, not the replay's
+    assert report.output_sqnr > 25 and name in report.note and name in report.table()
+    assert on_torch.note == ""

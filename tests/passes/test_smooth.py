@@ -192,7 +192,7 @@ def test_convert_without_calibrate_names_the_fix():
 def test_save_load_and_compare(tmp_path, activation):
     """Static int8 linears keep a float Smooth module before them; per-token dynamic ones ("auto" on token
     sequences) apply the scales inside their kernel, and compare() still finds them."""
-    from qcast.kernels.dynamic import QLinearDynamic
+    from qcast.backends.torch.kernels.dynamic import QLinearDynamic
 
     model = PostLNBlock()
     q = _quantize(model, 0.7, activation)
@@ -221,7 +221,7 @@ def test_save_load_and_compare(tmp_path, activation):
 def test_linears_reading_one_tensor_get_one_joint_scale():
     """Query/key/value-like siblings: s from max |W| over all their columns (the SmoothQuant paper's choice), so
     their inputs stay one tensor and the per-token kernel stacks them into one GEMM."""
-    from qcast.kernels.dynamic import QLinearDynamic
+    from qcast.backends.torch.kernels.dynamic import QLinearDynamic
 
     class QKV(nn.Module):
         def __init__(self):

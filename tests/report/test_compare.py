@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import qcast
-from qcast.kernels.conv import QConv
+from qcast.backends.torch.kernels.conv import QConv
 from tests.helpers import assert_sqnr
 
 

@@ -166,7 +166,7 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
                   explain=explain)
 def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict) -> ONNXRuntimeModule:
     from ...nn import FusedConv
-    from ...plan import Ctx
+    from ..context import Ctx
 
     exported = to_onnx(qdq, example_args, example_kwargs)
     session, optimized = optimized_session(exported.model.SerializeToString(), torch.get_num_threads())

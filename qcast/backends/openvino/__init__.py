@@ -49,7 +49,7 @@ class WeightGrid(nn.Module):
 
 def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
     """A copy of the QDQ graph whose int8 conv/linear weights are fake-quantized per channel when read."""
-    from ...convert import int8_layers
+    from ..context import int8_layers
     from ...observers import weight_scales
 
     gm = copy.deepcopy(qdq)
@@ -216,7 +216,7 @@ def free_dims(example: torch.Tensor):
 def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict) -> OpenVINOModule:
     import openvino as ov
 
-    from ...plan import Ctx
+    from ..context import Ctx
 
     model, signature, in_spec, out_spec = to_openvino(qdq, example_args, example_kwargs)
     settings = dict(COMPILE_CONFIG, INFERENCE_NUM_THREADS=torch.get_num_threads())

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import qcast
-from qcast.kernels.conv import QConv
+from qcast.backends.torch.kernels.conv import QConv
 from qcast.nn import FusedConv
 from tests.helpers import assert_sqnr, quantize_small, run_isolated
 
@@ -265,3 +265,25 @@ def test_fp32_output_flag_round_trips_through_spec_and_old_specs_load_as_requant
     config.update(out_scale=0.01, out_zero_point=128)
     old = QConv.from_spec(config, tensors)
     assert not old.float_out and old(x).is_quantized
+
+
+def test_an_engine_that_computes_a_layer_wrong_is_not_used_for_it(monkeypatch):
+    """The engine choice checks each layer's int8 result on a probe input (on a Sapphire Rapids Xeon, oneDNN's int8
+    conv with a (3, 1) kernel on few channels measured 0-9 dB against exact): a kernel that returns wrong values gets
+    the layer moved to the next engine, and explain() says why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    real = QConv.forward
+
+    def wrong_on_onednn(self, x, accum=None):
+        y = real(self, x, accum)
+        return y * 0.5 if self.engine == "onednn" and not y.is_quantized else (
+            torch.quantize_per_tensor(y.dequantize() * 0.5, y.q_scale(), y.q_zero_point(), y.dtype)
+            if self.engine == "onednn" else y)
+
+    monkeypatch.setattr(QConv, "forward", wrong_on_onednn)
+    r = quantize_small(model, (2, 8, 12, 12), config=qcast.QuantConfig(engine="auto", backend="torch"))
+    convs = [row for row in r.rows if row.op == "conv2d"]
+    assert convs and all(row.precision == "int8" and row.engine != "onednn" for row in convs), convs
+    assert all("not on onednn" in row.reason and "computes this layer wrong" in row.reason for row in convs), convs
+    assert_sqnr(r.sqnr, 25.0, "conv on the engine that computes it right")

@@ -5,7 +5,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..nn import FusedBatchNorm
+from ....nn import FusedBatchNorm
 from .base import KernelImpl, KernelModule, input_meta, kernel_module
 from .registry import register
 

@@ -9,8 +9,8 @@ dequantized operands in fp32 and quantizes it (``QMatmul``): PyTorch has no int8
 **softmax**: int8 in, int8 out (``quantized::softmax``, bit-exact against dequantize -> softmax -> quantize),
 output params calibrated on the probabilities.
 
-**scaled_dot_product_attention** is rewritten at prepare time (``decompose_sdpa``, called by
-``prepare.transform``) into ``q * scale`` (int8 values unchanged, params rescaled), ``k.transpose(-2, -1)``,
+**scaled_dot_product_attention** is rewritten at prepare time (``qcast/passes/decompose_sdpa.py``, a backend-free
+pass called by ``prepare.transform``) into ``q * scale`` (int8 values unchanged, params rescaled), ``k.transpose(-2, -1)``,
 ``matmul`` (the scores), ``softmax`` -- ``masked_softmax`` with an ``attn_mask`` (a float mask is added, a bool mask
 keeps its True positions) or ``is_causal``: the mask is applied in float to the dequantized scores, as it holds
 values int8 cannot represent -- and ``matmul`` (the output). Every intermediate value is then an ordinary node with
@@ -20,16 +20,14 @@ probabilities and the output like any other op, named ``<sdpa call>.scores`` / `
 from __future__ import annotations
 
 import contextlib
-import math
-import operator
 import threading
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import KernelImpl, KernelModule, kernel_module, not_float_input
+from ....nn import masked_softmax
 from .registry import register
 
 
@@ -220,27 +218,6 @@ class SoftmaxKernel(KernelImpl):
 # -------------------------------------------------------------------------------------------------
 # scaled_dot_product_attention -> its ops
 # -------------------------------------------------------------------------------------------------
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
-                   inplace: bool = False) -> torch.Tensor:
-    """``softmax(scores + mask, -1)`` as ``F.scaled_dot_product_attention`` applies its mask: a float mask is added,
-    a bool mask keeps the True positions (``-inf`` elsewhere), ``causal`` keeps keys ``<= `` the query's position.
-    ``inplace``: ``scores`` is a temporary that may be overwritten."""
-    if causal:
-        L, S = scores.shape[-2:]
-        keep = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    elif mask is not None:
-        if mask.dtype == torch.bool:  # an additive mask is ~10x cheaper than masked_fill on the larger scores
-            mask = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
-                mask.logical_not(), float("-inf"))
-        scores = scores.add_(mask) if inplace and torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape \
-            else scores + mask
-    return torch.softmax(scores, dim=-1)
-
-
 @kernel_module
 class QMaskedSoftmax(KernelModule):
     """The masked softmax of a decomposed ``scaled_dot_product_attention`` on int8 scores: the mask (float, with
@@ -280,94 +257,3 @@ class MaskedSoftmaxKernel(KernelImpl):
         qp = ctx.out_qparams(node)
         scores, mask, causal = (list(node.args) + [None, False])[:3]
         return QMaskedSoftmax(bool(causal), qp.scale, qp.zero_point), (scores, mask)
-
-
-def sdpa_reason(node: fx.Node) -> str | None:
-    """Why an sdpa call is left whole (runs in float), or None when it is decomposed."""
-    vals = dict(zip(_SDPA_ARGS, node.args))
-    vals.update(node.kwargs)
-    if vals.get("dropout_p", 0.0) not in (0, 0.0):
-        return ("scaled_dot_product_attention with dropout_p != 0 (it drops attention weights even in eval mode) "
-                "has no int8 decomposition; runs in float")
-    if vals.get("enable_gqa", False) not in (False, None):
-        return "scaled_dot_product_attention with enable_gqa=True has no int8 decomposition; runs in float"
-    for key in ("is_causal", "scale"):
-        if isinstance(vals.get(key), fx.Node):
-            return f"scaled_dot_product_attention with {key} computed at run time has no int8 decomposition"
-    q = vals.get("query")
-    meta = q.meta.get("qcast_val") if isinstance(q, fx.Node) else None
-    if not hasattr(meta, "shape") or len(meta.shape) < 2:
-        return "scaled_dot_product_attention on a query that is not a traced tensor has no int8 decomposition"
-    mask = vals.get("attn_mask")
-    if isinstance(mask, fx.Node) and vals.get("is_causal"):
-        return "scaled_dot_product_attention with both attn_mask and is_causal raises in PyTorch"
-    if mask is not None and not isinstance(mask, fx.Node):
-        return "scaled_dot_product_attention with a non-tensor attn_mask has no int8 decomposition"
-    return None
-
-
-#: (name suffix, op) of the nodes a decomposed call becomes, in order (masked_softmax with a mask or is_causal)
-_PARTS = (("q_scale", "mul"), ("k_t", "transpose"), ("scores", "matmul"), ("softmax", "softmax"),
-          ("softmax", "masked_softmax"), ("out", "matmul"))
-
-
-def decomposed_ops(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
-    """``(name, op, module path)`` of every op the sdpa calls of ``gm`` may be decomposed into, so that ``skip`` /
-    ``per_layer`` patterns naming them (as ``explain()`` shows them) are recognised before the decomposition."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.meta.get("qcast_op") == "scaled_dot_product_attention":
-            out += [(f"{_name(n)}.{suffix}", op, n.meta.get("qcast_path", "")) for suffix, op in _PARTS]
-    return out
-
-
-def decompose_sdpa(gm: fx.GraphModule, config=None) -> int:
-    """Rewrite each ``F.scaled_dot_product_attention`` call into the ops it computes, so each value gets observed
-    and each op its int8 kernel. Needs shapes (``node.meta['qcast_val']``): the default scale is
-    ``1 / sqrt(head_dim)`` of the traced query. A call the config keeps in float (``skip``, ``activation='float'``)
-    or one with arguments the decomposition does not cover is left whole, with its reason. Returns how many were
-    rewritten."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.meta.get("qcast_op") != "scaled_dot_product_attention":
-            continue
-        name, path = _name(node), node.meta.get("qcast_path", "")
-        if config is not None and (config.skipped_by(name, "scaled_dot_product_attention", path)
-                                   or config.setting("activation", name, "scaled_dot_product_attention", path) == "float"):
-            continue
-        why = sdpa_reason(node)
-        if why:
-            node.meta["qcast_float_reason"] = why
-            continue
-        vals = dict(zip(_SDPA_ARGS, node.args))
-        vals.update(node.kwargs)
-        q, k, v, mask = vals["query"], vals["key"], vals["value"], vals.get("attn_mask")
-        scale = vals.get("scale")
-        if scale is None:  # the head dim of the query, fixed by the model's weights
-            scale = 1.0 / math.sqrt(q.meta["qcast_val"].shape[-1])
-        g = gm.graph
-
-        def add(kind, target, args, suffix, op):
-            with g.inserting_before(node):
-                n = g.call_function(target, args) if kind == "f" else g.call_method(target, args)
-            n.meta.update(qcast_op=op, qcast_path=path, qcast_name=f"{name}.{suffix}")
-            if "nn_module_stack" in node.meta:
-                n.meta["nn_module_stack"] = node.meta["nn_module_stack"]
-            return n
-
-        qs = add("f", operator.mul, (q, float(scale)), "q_scale", "mul")
-        kt = add("m", "transpose", (k, -2, -1), "k_t", "transpose")
-        scores = add("f", operator.matmul, (qs, kt), "scores", "matmul")
-        if isinstance(mask, fx.Node) or vals.get("is_causal"):
-            probs = add("f", masked_softmax, (scores, mask if isinstance(mask, fx.Node) else None,
-                                              bool(vals.get("is_causal"))), "softmax", "masked_softmax")
-        else:
-            probs = add("f", torch.softmax, (scores, -1), "softmax", "softmax")
-        out = add("f", operator.matmul, (probs, v), "out", "matmul")
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count

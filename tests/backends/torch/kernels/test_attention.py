@@ -1,4 +1,4 @@
-"""Transformer kernels (qcast/kernels/attention.py, qcast/kernels/transformer.py): matmul/bmm of two activations,
+"""Transformer kernels (qcast/backends/torch/kernels/attention.py, qcast/backends/torch/kernels/transformer.py): matmul/bmm of two activations,
 softmax, scaled_dot_product_attention, division by a number, layer_norm, unbind, 3-D linear, embedding, the
 residual-stream rule, and gelu (float, with its measured reason).
 
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch.ao.quantization import DeQuantStub, QuantStub
 
 import qcast
-from qcast.kernels.attention import QMatmul, QSoftmax
-from qcast.kernels.conv import QConv
-from qcast.kernels.elementwise import QScalar
-from qcast.kernels.transformer import QEmbedding, QLayerNorm
+from qcast.backends.torch.kernels.attention import QMatmul, QSoftmax
+from qcast.backends.torch.kernels.conv import QConv
+from qcast.backends.torch.kernels.elementwise import QScalar
+from qcast.backends.torch.kernels.transformer import QEmbedding, QLayerNorm
 from tests.helpers import assert_sqnr, sqnr
 from tests.helpers import quantize_small as _quantize_small
 
@@ -358,7 +358,7 @@ def test_layer_norm_after_a_linear_is_int8_and_round_trips(tmp_path):
 def test_qmatmul_gives_the_exact_integer_products_and_restores_the_matmul_precision(shape_a, shape_b):
     """QMatmul runs the GEMM on bf16 units (oneDNN fp32_precision='bf16') on the centred integers: it must equal
     the float64 product of the dequantized operands, requantized, except for values on a rounding tie."""
-    from qcast.kernels.attention import exact_int_matmul
+    from qcast.backends.torch.kernels.attention import exact_int_matmul
 
     g = torch.Generator().manual_seed(0)
     a = torch.quantize_per_tensor(torch.randn(shape_a, generator=g) * 2, 0.021, 131, torch.quint8)
@@ -382,7 +382,7 @@ def test_exact_int_matmul_restores_the_setting_when_threads_overlap():
     precision the first one in saved, whatever the order they leave in."""
     import threading
 
-    from qcast.kernels.attention import exact_int_matmul
+    from qcast.backends.torch.kernels.attention import exact_int_matmul
 
     prec = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
     if getattr(prec, "fp32_precision", None) is None:

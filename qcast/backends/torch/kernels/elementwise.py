@@ -7,9 +7,9 @@ import numbers
 import torch
 import torch.fx as fx
 
-from ..capture import attr_at
-from ..nn import add_relu
-from ..observers import QParams, qparams_from_range
+from ....capture import attr_at
+from ....nn import add_relu
+from ....observers import QParams, qparams_from_range
 from .base import KernelImpl, KernelModule, PackedKernelModule, kernel_module
 from .registry import register
 

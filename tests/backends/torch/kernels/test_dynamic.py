@@ -1,11 +1,11 @@
-"""Per-token dynamic int8 linear (qcast/kernels/dynamic.py): QuantConfig(activation="dynamic")."""
+"""Per-token dynamic int8 linear (qcast/backends/torch/kernels/dynamic.py): QuantConfig(activation="dynamic")."""
 import pytest
 import torch
 import torch.nn as nn
 
 import qcast
 from qcast.errors import ConfigError
-from qcast.kernels.dynamic import QLinearDynamic
+from qcast.backends.torch.kernels.dynamic import QLinearDynamic
 from tests.helpers import sqnr
 
 
@@ -121,7 +121,7 @@ def test_linears_reading_one_tensor_share_one_gemm_with_the_same_numbers(tmp_pat
     stacked = qcast.quantize(model, calib, progress=False)
     stacks = [m for m in stacked.modules() if isinstance(m, QLinearDynamic) and m.splits]
     assert len(stacks) == 1 and stacks[0].splits == [8, 8, 12]
-    monkeypatch.setattr(sys.modules["qcast.convert"], "fuse_siblings", lambda graph, root: 0)
+    monkeypatch.setattr(sys.modules["qcast.backends.torch.lower"], "fuse_siblings", lambda graph, root: 0)
     separate = qcast.quantize(model, calib, progress=False)
     assert not any(isinstance(m, QLinearDynamic) and m.splits for m in separate.modules())
     with torch.no_grad():

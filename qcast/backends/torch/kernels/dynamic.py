@@ -20,9 +20,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..nn import FusedConv
-from ..observers import weight_scales
-from ..smooth import Smooth
+from ....nn import FusedConv
+from ....observers import weight_scales
+from ....smooth import Smooth
 from .base import KernelImpl, PackedKernelModule, kernel_module, not_float_input
 from .engines import available, engine_scope
 from .registry import register

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..capture import attr_at
+from ....capture import attr_at
 from .base import KernelImpl, KernelModule, PackedKernelModule, input_meta, kernel_module, not_float_input
 from .elementwise import QScalar
 from .registry import decline, register

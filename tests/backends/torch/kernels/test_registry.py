@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from qcast.capture import FUNCTION_OPS, METHOD_OPS, MODULE_OPS
-from qcast.kernels import backends, kernels, lookup
-from qcast.kernels.attention import _PARTS as _SDPA_PARTS
-from qcast.kernels.registry import KINDS
+from qcast.backends.torch.kernels import backends, kernels, lookup
+from qcast.passes.decompose_sdpa import _PARTS as _SDPA_PARTS
+from qcast.backends.torch.kernels.registry import KINDS
 
 REQUIRED_OPS = ["conv2d", "linear", "add", "mul", "cat", "max_pool", "avg_pool", "adaptive_avg_pool", "flatten",
                 "relu", "hardswish", "sigmoid", "interpolate"]

@@ -1,4 +1,4 @@
-"""add / mul with a parameter/buffer operand or a run-time number operand (qcast/kernels/elementwise.py).
+"""add / mul with a parameter/buffer operand or a run-time number operand (qcast/backends/torch/kernels/elementwise.py).
 
 The float model is the oracle. Thresholds sit ~3 dB under the SQNR measured with the suite's protocol (default
 config, 8 calibration batches of 2, held-out input, seed 0); the measured value is in the comment, and for the
@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qcast
-from qcast.kernels.elementwise import QBinaryConst, QScalarArg
-from qcast.kernels.engines import engine_scope
+from qcast.backends.torch.kernels.elementwise import QBinaryConst, QScalarArg
+from qcast.backends.torch.kernels.engines import engine_scope
 from qcast.observers import qparams_from_range
 from tests.helpers import assert_sqnr, quantize_small
 

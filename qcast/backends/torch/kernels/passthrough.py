@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ..capture import TensorMeta
-from ..observers import QParams
+from ....capture import TensorMeta
+from ....observers import QParams
 from .base import KernelImpl, KernelModule, input_meta, kernel_module, not_float_input
 from .registry import register
 
