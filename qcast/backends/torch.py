@@ -4,7 +4,7 @@ from __future__ import annotations
 from . import register_backend
 
 
-@register_backend("torch")
+@register_backend("torch", traces=False)
 def lower(qdq, config, example_args, example_kwargs):
     import torch
 
