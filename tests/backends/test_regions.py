@@ -251,3 +251,19 @@ def test_stages_run_in_order_and_each_reads_only_earlier_values():
     with torch.no_grad():
         for shift in (2.0, -2.0):
             assert sqnr(qdq_model.qcast_qdq(x + shift), qdq_model(x + shift)) >= SIM_THRESHOLD
+
+
+def test_a_saved_split_model_loads_split_on_each_engine(tmp_path):
+    """The file keeps the QDQ graph; ``load`` (given the float model, which holds the region's code) splits it again
+    for whichever engine it lowers to."""
+    torch.manual_seed(0)
+    model = GatedNet().eval()
+    calib, x = gated_data()
+    qmodel = quantize(model, calib, "openvino")
+    qcast.save(qmodel, tmp_path / "m.qcast")
+    for engine in ENGINES:
+        loaded = qcast.load(tmp_path / "m.qcast", model=model, backend=engine)
+        assert [k for _, k, _ in loaded.graph_module.qcast_stages] == ["torch", "engine"]
+        with torch.no_grad():
+            for shift in (2.0, -2.0):
+                assert sqnr(qmodel.qcast_qdq(x + shift), loaded(x + shift)) >= SIM_THRESHOLD
