@@ -10,7 +10,8 @@ Batch 1, ``QCAST_BENCH_THREADS`` threads (2), medians of ``n`` interleaved runs 
    identity that is also an uncaptured region (``split``), and by ``nn.Identity`` (``whole``: one engine call): their
    difference is what cutting the graph costs (a second engine call, its input/output copies).
 2. A stage holding a single int8 conv between two regions: on the engine, or in torch as the QDQ simulation (float
-   conv + fake-quant), at a small and a larger size: which side of ``regions`` should take such a stage.
+   conv + fake-quant), at a small and a larger size; and a stage of float ops only (no int8 compute op) in torch or
+   on the engine: which side of ``regions`` should take such stages.
 """
 from __future__ import annotations
 
@@ -48,6 +49,18 @@ class Sign(nn.Module):
         if x.mean() > 0:
             return x
         return -x
+
+
+class FloatStage(nn.Module):
+    """Two regions with only float work between them (no int8 compute op: a sigmoid and a multiply)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Sign(), Sign()
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y * torch.sigmoid(y))
 
 
 class OneConvStage(nn.Module):
@@ -118,6 +131,19 @@ def main() -> None:
             finally:
                 regions._computes_int8 = real
         report(f"region -> one int8 conv {c}->{c} 3x3 -> region, {size}x{size}, batch 1", models, x, args.n)
+
+    calib = [torch.randn(2, 16, 32, 32, generator=g) for _ in range(4)]
+    x = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    models = {"torch backend": quantize(FloatStage().eval(), calib, "torch")}
+    for engine in ENGINES:
+        models[f"{engine}: float stage in torch"] = quantize(FloatStage().eval(), calib, engine)
+        real = regions._computes_int8
+        regions._computes_int8 = lambda n: True  # every captured stage on the engine
+        try:
+            models[f"{engine}: float stage on the engine"] = quantize(FloatStage().eval(), calib, engine)
+        finally:
+            regions._computes_int8 = real
+    report("region -> x * sigmoid(x) (float) -> region, 16x32x32, batch 1", models, x, args.n)
 
 
 if __name__ == "__main__":

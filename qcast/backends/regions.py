@@ -1,20 +1,22 @@
-"""Uncaptured regions on an engine: the QDQ graph split at them, the captured parts compiled, the regions run in torch.
+"""What an engine cannot take runs in torch between the stages it runs: uncaptured regions, and ops its converter lacks.
 
 An *uncaptured region* is a user module qcast could not trace (its forward branches on data, e.g. the zoo UNet's
 ``if x.mean() > 0``) and kept as a leaf: it runs in float, as the user's own Python. An engine cannot take it: its
 converter traces the graph once (TorchScript) and would freeze the branch the example input took. So, for a backend
-that traces (``Backend.traces``), ``lower`` splits the QDQ graph into *stages*:
+that traces (``Backend.traces``), ``lower_traced`` splits the QDQ graph into *stages*:
 
-- an engine stage holds the captured nodes at one *depth* (the number of regions on the longest path from the inputs
-  to the node), lowered by the backend's own ``lower`` as a graph of its own (its inputs: the values it reads from
-  earlier stages; its outputs: the values later stages or the model output read);
-- between engine stages ``k-1`` and ``k``, the regions at depth ``k`` (and ``getitem`` of their outputs) are called in
-  torch, as Python, on every call.
+- a node's *depth* is the number of regions on the longest path from the inputs to it; the captured nodes of one depth
+  form a stage, lowered by the backend's own ``lower`` as a graph of its own (``subgraph``: its inputs are the values
+  it reads from earlier stages, its outputs the values later stages or the model output read);
+- between the stages of depth ``k-1`` and ``k``, the regions of depth ``k`` (and ``getitem`` / ``getattr`` of their
+  outputs) are called in torch, as Python, on every call.
 
-Values only flow to a deeper stage, so the stages run in order. The result is one ``fx.GraphModule`` (``RegionSplit``)
-calling the stages, with the QDQ graph's inputs and output structure. An engine stage with no int8 compute op (only
-float ops and QDQ points, e.g. a ``relu`` after a region) runs as the QDQ graph's own nodes in torch instead: an engine
-call costs more than such ops (measured in docs/design.md, "Uncaptured regions on an engine").
+Values only flow to deeper stages, so the stages run in order. The result is one ``fx.GraphModule`` (``RegionSplit``)
+calling them, with the QDQ graph's inputs and output structure. Calls of an op the engine's converter reports it
+cannot convert (``unconverted``) are cut out the same way. A captured stage with no int8 compute op (only float ops
+and QDQ points, e.g. a ``sigmoid`` between two regions) runs as the QDQ graph's own nodes in torch: an engine call
+costs more than such ops; a stage with int8 ops does too when it ran faster so at convert (``stage_times``; measured
+in docs/design.md, "What an engine cannot take").
 """
 from __future__ import annotations
 
@@ -208,6 +210,7 @@ def lower_split(backend, qdq: fx.GraphModule, config, example_args: tuple, examp
         if n.op == "placeholder":
             env[n] = graph.node_copy(n)
     kinds = []
+    timed: dict[str, tuple[float, float]] = {}  # engine stage -> (ms on the engine, ms as the simulation in torch)
     for k, stage in enumerate(parts):
         if stage.kind == "torch":
             for n in stage.nodes:
@@ -222,12 +225,17 @@ def lower_split(backend, qdq: fx.GraphModule, config, example_args: tuple, examp
             continue
         sub = subgraph(qdq, stage)
         target = f"qcast_stage{k}"
-        if stage.kind == "engine":
+        kind = stage.kind
+        if kind == "engine":
+            stage_args = tuple(values[v] for v in stage.inputs)
             with torch.no_grad():
-                root[target] = backend.lower(sub, config, tuple(values[v] for v in stage.inputs), {})
+                root[target] = backend.lower(sub, config, stage_args, {})
+            timed[target] = stage_times(root[target], sub, stage_args)
+            if timed[target][1] < timed[target][0]:  # faster as the simulation: this stage stays in torch
+                root[target], kind = sub, "float"
         else:
             root[target] = sub
-        kinds.append((target, stage.kind, tuple(n.name for n in stage.nodes)))
+        kinds.append((target, kind, tuple(n.name for n in stage.nodes)))
         call = graph.call_module(target, tuple(env[v] for v in stage.inputs))
         for j, v in enumerate(stage.outputs):
             env[v] = graph.call_function(operator.getitem, (call, j))
@@ -236,6 +244,7 @@ def lower_split(backend, qdq: fx.GraphModule, config, example_args: tuple, examp
     split = fx.GraphModule(root, graph, class_name="RegionSplit")
     split.qcast_stages = tuple(kinds)  # (submodule name, kind, names of the QDQ-graph nodes it runs)
     split.qcast_engine = backend.name
+    split.qcast_stage_ms = timed
     split.qcast_in_torch = {n.name: why for n, why in in_torch.items()}  # node name -> "region" or the ATen op lacked
     return split
 
@@ -245,6 +254,17 @@ def _what(in_torch: dict) -> str:
     ops = sorted({why for why in in_torch.values() if why != "region"})
     return "; ".join(([f"uncaptured region(s) {regions[:3]}"] if regions else [])
                      + ([f"ops it cannot convert: {', '.join(ops)}"] if ops else []))
+
+
+def stage_times(lowered: nn.Module, sub: fx.GraphModule, args: tuple) -> tuple[float, float]:
+    """(ms on the engine, ms as the QDQ simulation in torch) of one captured stage with int8 ops, timed interleaved on
+    its example inputs (``qcast.timing``, as ``auto`` times backends). An engine call has a fixed cost (binding,
+    copies, its thread pool): measured at 1 thread, a float-only stage took 0.31 ms on OpenVINO and 0.09 ms on ONNX
+    Runtime against 0.05 ms in torch, and a stage of one 16->16 3x3 int8 conv at 32x32 0.61 / 0.30 ms against 0.26 ms
+    as the simulation (docs/design.md): such a stage runs faster in torch, a larger one on the engine."""
+    from ..timing import time_interleaved
+    times, _ = time_interleaved({"engine": lowered, "torch": sub}, args, {})
+    return times["engine"], times["torch"]
 
 
 def _attr(root: nn.Module, target: str):
@@ -272,8 +292,11 @@ def explain(split: fx.GraphModule, backend, rows: list[tuple[str, object]]) -> t
         if kind == "engine":
             by_stage.setdefault(target, []).append(i)
         elif kind == "float":
-            why = (f"between uncaptured regions, in a stage with no int8 compute op: run in torch as the QDQ "
-                   f"simulation (an {split.qcast_engine} call would cost more than the stage)")
+            ms = split.qcast_stage_ms.get(target)
+            why = (f"between ops the {split.qcast_engine} backend runs in torch, in a stage with no int8 compute op: run "
+                   f"in torch as the QDQ simulation (an {split.qcast_engine} call costs more than such ops)" if ms is None
+                   else f"in a stage between ops run in torch that ran faster as the QDQ simulation in torch (same "
+                        f"values) than on {split.qcast_engine}: {ms[1]:.3f} vs {ms[0]:.3f} ms, measured at convert")
             out[i] = OpInfo(row.name, row.op, "float", "torch-float",
                             f"planned int8 ({row.reason}); {why}" if row.precision == "int8" else f"{row.reason}; {why}")
         elif rows[i - 1][0] == node if i else False:  # a layer inside the region: its row says which region

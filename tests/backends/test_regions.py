@@ -29,6 +29,14 @@ ENGINES = ("openvino", "onnxruntime")
 SIM_THRESHOLD = 35.0
 
 
+@pytest.fixture(autouse=True)
+def on_the_engine(monkeypatch):
+    """Every captured stage with int8 ops on the engine: ``convert`` times each against the QDQ simulation in torch and
+    keeps the faster (``regions.stage_times``), and these models are small enough for either; the test of that
+    choice sets the times itself."""
+    monkeypatch.setattr(regions, "stage_times", lambda lowered, sub, args: (0.0, float("inf")))
+
+
 def quantize(model, calib, backend):
     return qcast.quantize(model, calib, backend=backend, progress=False, check_speed=False)
 
@@ -267,3 +275,21 @@ def test_a_saved_split_model_loads_split_on_each_engine(tmp_path):
         with torch.no_grad():
             for shift in (2.0, -2.0):
                 assert sqnr(qmodel.qcast_qdq(x + shift), loaded(x + shift)) >= SIM_THRESHOLD
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_stage_that_ran_faster_as_the_simulation_stays_in_torch(engine, monkeypatch):
+    """A small stage can run faster as the QDQ simulation in torch than through an engine call (docs/design.md): then
+    it stays there, computing the simulation's values, and explain() gives both times."""
+    monkeypatch.setattr(regions, "stage_times", lambda lowered, sub, args: (1.0, 0.5))
+    torch.manual_seed(0)
+    model = GatedNet().eval()
+    calib, x = gated_data()
+    qmodel = quantize(model, calib, engine)
+    assert [k for _, k, _ in qmodel.graph_module.qcast_stages] == ["torch", "float"]
+    stem = {r.name: r for r in qcast.explain(qmodel)}["stem"]
+    assert (stem.precision, stem.engine) == ("float", "torch-float")
+    assert "planned int8" in stem.reason and "0.500 vs 1.000 ms" in stem.reason
+    with torch.no_grad():
+        for shift in (2.0, -2.0):
+            assert torch.equal(qmodel.qcast_qdq(x + shift), qmodel(x + shift))
