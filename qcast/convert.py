@@ -92,20 +92,26 @@ def example_call(gm: fx.GraphModule) -> tuple[tuple, dict]:
 
 
 def records(qdq: fx.GraphModule, opaque: dict[str, str]) -> tuple[OpInfo, ...]:
+    return tuple(row for _, row in node_records(qdq, opaque))
+
+
+def node_records(qdq: fx.GraphModule, opaque: dict[str, str]) -> list[tuple[str, OpInfo]]:
+    """The explain() rows of the QDQ graph, each with the name of the node it describes (the rows of the layers inside
+    an uncaptured region: the region's call)."""
     rows = []
     modules = dict(qdq.named_modules())
     for n in qdq.graph.nodes:
         plan = Ctx.plan(n)
         if plan is None or not plan.visible:
             continue
-        rows.append(OpInfo(plan.name, plan.op, plan.precision, plan.engine if plan.precision == "int8" else "torch-float",
-                           plan.reason))
+        rows.append((n.name, OpInfo(plan.name, plan.op, plan.precision,
+                                    plan.engine if plan.precision == "int8" else "torch-float", plan.reason)))
         if n.op == "call_module" and n.target in opaque:
             for sub, m in modules[n.target].named_modules():
                 if sub and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-                    rows.append(OpInfo(f"{n.target}.{sub}", _module_op(m), "float", "torch-float",
-                                       f"inside uncaptured region '{n.target}': {opaque[n.target]}"))
-    return tuple(rows)
+                    rows.append((n.name, OpInfo(f"{n.target}.{sub}", _module_op(m), "float", "torch-float",
+                                                f"inside uncaptured region '{n.target}': {opaque[n.target]}")))
+    return rows
 
 
 def _module_op(m: nn.Module) -> str:
@@ -155,12 +161,26 @@ def lower(qdq: fx.GraphModule, config, opaque: dict[str, str], backend: str, exa
     What ``convert`` and ``load`` share."""
     from .backends.auto import choose
 
+    from .backends import regions
+
     example = example or example_call(qdq)
     choice = None
     if backend == "auto":
-        backend, gm, tried = choose(qdq, lambda b: b.lower(qdq, config, *example_call(qdq)), kernel_table(config.backend),
-                                    example)
+        backend, gm, tried = choose(qdq, lambda b: lower_for(b, qdq, config), kernel_table(config.backend), example)
         choice = {"input": describe(*example), "candidates": [c.to_dict() for c in tried]}
     else:
-        gm = get_backend(backend).lower(qdq, config, *example_call(qdq))
+        gm = lower_for(get_backend(backend), qdq, config)
+    if regions.is_split(gm):
+        return gm, regions.explain(gm, get_backend(backend), node_records(qdq, opaque)), backend, choice
     return gm, get_backend(backend).explain(gm, records(qdq, opaque)), backend, choice
+
+
+def lower_for(backend, qdq: fx.GraphModule, config) -> nn.Module:
+    """The QDQ graph lowered by ``backend`` (a ``Backend``), traced on inputs shaped like the graph's; a backend that
+    traces gets a graph with uncaptured regions, or ops its engine cannot convert, in parts, those running in torch
+    between them (``backends.regions``)."""
+    from .backends import regions
+
+    if backend.traces and not hasattr(qdq, "_in_spec"):
+        return regions.lower_traced(backend, qdq, config, *example_call(qdq))
+    return backend.lower(qdq, config, *example_call(qdq))

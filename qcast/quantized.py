@@ -96,7 +96,7 @@ class QuantizedModel(nn.Module):
     def on_torch(self) -> "QuantizedModel":
         """This model's QDQ graph lowered to the torch backend (once, then kept): itself when it already runs there.
         What ``compare()`` replays layer by layer when an engine runs the model as one compiled graph."""
-        if isinstance(self.graph_module, fx.GraphModule):
+        if self.qcast_meta.get("backend", "torch") == "torch":
             return self
         torch_model = self.__dict__.get("_qcast_torch")
         if torch_model is None:

@@ -35,7 +35,9 @@ class Backend:
     ``conv_add``: whether it runs a conv followed by a residual add as one int8 op (``prepare`` fuses the add into
     the conv only then; otherwise the conv output gets its own quantization params and the add is an int8 op):
     ``True``/``False``, or a rule ``engine -> bool`` (the torch backend: only oneDNN has conv2d_add). A backend that
-    executes another's plan (``kernels``) fuses only where both allow it."""
+    executes another's plan (``kernels``) fuses only where both allow it.
+    ``traces``: whether its lowering traces the graph once (the engines: TorchScript under their converters), so that
+    uncaptured regions must run in torch between the parts it lowers (``regions.lower_split``)."""
 
     name: str
     lower: Callable = field(repr=False)
@@ -44,6 +46,7 @@ class Backend:
     kernels: str = "torch"
     explain: Callable = field(default=_same_rows, repr=False)
     conv_add: bool | Callable[[str], bool] = True
+    traces: bool = True
 
     def runs_conv_add(self, engine: str) -> bool:
         return self.conv_add(engine) if callable(self.conv_add) else bool(self.conv_add)
@@ -63,14 +66,14 @@ _BACKENDS: dict[str, Backend] = {}
 
 def register_backend(name: str, *, requires: str | None = None, install_hint: str = "", kernels: str = "torch",
                      explain: Callable | None = None,
-                     conv_add: bool | Callable[[str], bool] = True) -> Callable:
+                     conv_add: bool | Callable[[str], bool] = True, traces: bool = True) -> Callable:
     """Decorator for a backend's ``lower(qdq, config, example_args, example_kwargs) -> nn.Module`` (``config``: the
     model's QuantConfig)."""
 
     def deco(lower: Callable) -> Callable:
         if name in _BACKENDS:
             raise ValueError(f"backend {name!r} registered twice")
-        _BACKENDS[name] = Backend(name, lower, requires, install_hint, kernels, explain or _same_rows, conv_add)
+        _BACKENDS[name] = Backend(name, lower, requires, install_hint, kernels, explain or _same_rows, conv_add, traces)
         return lower
 
     return deco
@@ -101,21 +104,20 @@ def check_traceable(qdq, engine: str) -> None:
     """UnsupportedError for a QDQ graph an engine's tracer would get wrong: one captured through torch.export (Hugging
     Face models), or one calling a region of the user's own Python that qcast could not capture (its data-dependent
     ``if`` would be traced once and frozen to the branch the example input took: never silently). ``backend='auto'``
-    then keeps the torch backend, which calls the region as Python on every input."""
-    from ..nn import FusedBatchNorm, FusedConv
-    from ..quantized import QDQ
-    from ..smooth import Smooth
+    then keeps the torch backend, which calls the region as Python on every input. ``convert`` never hands an engine
+    such a graph whole: it splits it at its regions (``regions.lower_split``); what still reaches this check is one file
+    for the whole graph (``qcast.export``)."""
+    from .regions import uncaptured
 
     if hasattr(qdq, "_in_spec"):
         raise UnsupportedError(f"the {engine} backend does not take models captured through torch.export yet (Hugging "
                                "Face models); use backend='torch'")
-    ours = (QDQ, FusedConv, FusedBatchNorm, Smooth)
-    regions = [n.target for n in qdq.graph.nodes if n.op == "call_module"
-               and not isinstance(m := qdq.get_submodule(n.target), ours) and not type(m).__module__.startswith("torch.")]
+    regions = [n.target for n in uncaptured(qdq)]
     if regions:
         raise UnsupportedError(f"the {engine} backend would trace the uncaptured region(s) {regions[:3]} (your own "
                                "Python, which qcast keeps in float) once and freeze their data-dependent branches; "
-                               "use backend='torch', which calls them as Python on every input")
+                               f"one {engine} file cannot hold them: quantize with backend={engine!r}, which runs them "
+                               "in torch between the engine's parts, or backend='torch'")
 
 
 def conv_add_rule(backend: str) -> Callable[[str], bool]:

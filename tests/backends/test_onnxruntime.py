@@ -209,5 +209,5 @@ def test_backend_entry_reads_well():
 
     entry = get_backend("onnxruntime")
     assert repr(entry) == ("Backend(name='onnxruntime', requires='onnxruntime', install_hint='pip install "
-                           "\"qcast[onnxruntime]\"', kernels='torch', conv_add=False)")
-    assert get_backend("torch").conv_add
+                           "\"qcast[onnxruntime]\"', kernels='torch', conv_add=False, traces=True)")
+    assert get_backend("torch").conv_add and not get_backend("torch").traces

@@ -6,9 +6,12 @@ backend), inputs and outputs flattened (``structure.FlatIO``); then ``canonical.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -18,6 +21,7 @@ import torch.fx as fx
 from ...errors import UnsupportedError
 from .. import check_traceable
 from ..openvino import mark_int8_weights
+from ..regions import unconverted
 from ..structure import FlatIO, flatten
 from .canonical import canonicalize
 
@@ -45,6 +49,27 @@ def free_axes(example: torch.Tensor, dynamic: bool) -> dict[int, str]:
     return {0: "batch"} if dynamic and example.dim() >= 1 else {}
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Drop what C++ code writes to the process's stdout meanwhile: the TorchScript exporter of torch 2.13 dumps the
+    whole TorchScript graph there when it meets an op it cannot export ("Torch IR graph at exception", its logging
+    switched on by a truthiness bug in ``setup_onnx_logging``), and ``convert`` may try several exports of one model
+    (``regions.lower_traced``): the exception says what failed."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (some embedded interpreters)
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def to_onnx(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict | None = None,
             dynamic: bool = True) -> Exported:
     """The QDQ graph as canonical QDQ ONNX, in memory."""
@@ -61,13 +86,16 @@ def to_onnx(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict | Non
     names = [f"input{i}" for i in range(len(tensors))]
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_stdout():
             warnings.simplefilter("ignore")  # TorchScript tracer warnings about the QDQ graph's Python
             torch.onnx.export(FlatIO(gm, in_spec).eval(), tuple(tensors), buffer, dynamo=False, opset_version=OPSET,
                               input_names=names, do_constant_folding=True,
                               output_names=[f"output{i}" for i in range(len(outs))],
                               dynamic_axes={n: free_axes(t, dynamic) for n, t in zip(names, tensors)})
     except Exception as e:  # noqa: BLE001 - the exporter raises many kinds of errors
+        lacked = re.findall(r"operator '(aten::\w+)'", str(e))
+        if lacked:  # the exporter has no rule for this op: convert runs it in torch between ORT stages (regions.py)
+            raise unconverted("torch.onnx.export (opset 17)", lacked, "no ONNX export rule") from e
         raise UnsupportedError(f"torch.onnx.export could not export the QDQ graph ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}); use backend='torch' or 'openvino'") from e
     model = onnx.load_from_string(buffer.getvalue())

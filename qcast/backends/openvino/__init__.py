@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import threading
 import warnings
 
@@ -26,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from ...quantized import OpInfo
 from .. import check_traceable, register_backend
+from ..regions import unconverted
 from ..structure import FlatIO, flat_inputs, flatten, shape_error, unflatten
 
 #: compile settings besides the thread count (see the module docstring)
@@ -195,7 +197,14 @@ def to_openvino(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
         _, out_spec = flatten(gm(*bound.args))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript tracer warnings about the QDQ graph's Python
-            model = ov.convert_model(FlatIO(gm, in_spec).eval(), example_input=tuple(tensors))
+            try:
+                model = ov.convert_model(FlatIO(gm, in_spec).eval(), example_input=tuple(tensors))
+            except Exception as e:  # noqa: BLE001 - OpenVINO's OpConversionFailure and others
+                lacked = re.search(r"No conversion rule found for operations: ([^\n]*)", str(e))
+                if lacked is None:
+                    raise
+                # convert runs these ops in torch between OpenVINO stages (regions.py)
+                raise unconverted("OpenVINO", re.findall(r"aten::\w+", lacked.group(1)), "no conversion rule") from None
     model.reshape({i: free_dims(t) for i, t in zip(model.inputs, tensors)})
     return model, signature, in_spec, out_spec
 

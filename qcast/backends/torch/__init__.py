@@ -17,7 +17,7 @@ def _conv_add(engine: str) -> bool:
     return engine in ("onednn", "auto") and "onednn" in available()
 
 
-@register_backend("torch", conv_add=_conv_add)
+@register_backend("torch", conv_add=_conv_add, traces=False)
 def lower(qdq, config, example_args, example_kwargs):
     import torch
 
