@@ -112,10 +112,29 @@ def check_traceable(qdq, engine: str) -> None:
                                "use backend='torch', which calls them as Python on every input")
 
 
+def dynamic_linears(gm: fx.GraphModule) -> dict[str, nn.Linear]:
+    """Module path -> nn.Linear of every per-token dynamic linear (``linear:dynamic`` plan) in ``gm``. In the QDQ graph
+    such a linear is float in, float out, with its float weight: each backend decides how it runs it int8 (torch:
+    ``kernels/dynamic.py``; OpenVINO: a weight-compressed linear it quantizes per token at run time; ONNX Runtime has
+    no per-token int8 linear and runs it in float, which its explain() says)."""
+    from ..nn import FusedConv
+    from ..plan import Ctx
+
+    out = {}
+    for node in gm.graph.nodes:
+        plan = Ctx.plan(node)
+        if node.op == "call_module" and plan is not None and plan.precision == "int8" and plan.kernel is not None \
+                and plan.kernel.op == "linear:dynamic":
+            mod = gm.get_submodule(node.target)
+            out[node.target] = mod.conv if isinstance(mod, FusedConv) else mod
+    return out
+
+
 def kernel_table(backend: str) -> str:
     """The kernel table that plans a model prepared for ``backend`` (``"auto"``: the torch kernels, which every
     backend executes today)."""
     return "torch" if backend in ("torch", "auto") else get_backend(backend).kernels
 
 
-__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table", "check_traceable"]
+__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table", "check_traceable",
+           "dynamic_linears"]

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ...quantized import OpInfo
-from .. import register_backend
+from .. import dynamic_linears, register_backend
 from ..structure import flat_inputs, shape_error, unflatten
 from .export import export_qdq_onnx, to_onnx
 
@@ -102,8 +102,9 @@ class ONNXRuntimeModule(nn.Module):
     run one at a time (a lock: the session's intra-op pool is sized for one call)."""
 
     def __init__(self, session, signature: inspect.Signature, in_spec, out_spec, layers: dict[str, str],
-                 names: dict[str, str], residual: frozenset = frozenset()):
+                 names: dict[str, str], residual: frozenset = frozenset(), dynamic: frozenset = frozenset()):
         super().__init__()
+        self.dynamic = dynamic  # module paths of the per-token dynamic linears (float MatMuls here)
         self.residual = residual  # module paths of convs fused with a residual add (FusedConv(add=True))
         self.session, self.signature, self.in_spec, self.out_spec = session, signature, in_spec, out_spec
         self.layers = layers  # module path -> ORT op type (QLinearConv, QGemm, Conv...) of each conv/linear
@@ -147,6 +148,12 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
     for r in rows:
         target = lowered.names.get(r.name)
         kind = (lowered.layers.get(target) or lowered.layers.get(f"{target}.conv")) if target else None
+        if target in lowered.dynamic and r.precision == "int8":
+            out.append(OpInfo(r.name, r.op, "float", "onnxruntime-float", "planned per-token dynamic int8, but ONNX "
+                              "Runtime has no per-token int8 linear (its dynamic quantization, DynamicQuantizeLinear + "
+                              "MatMulInteger, takes one range per tensor): it runs as a float MatMul; backend='openvino' "
+                              "or 'torch' run it int8, or QuantConfig(activation='int8') makes it static int8 here"))
+            continue
         if r.op not in ("conv1d", "conv2d", "linear") or kind is None:
             out.append(OpInfo(r.name, r.op, r.precision, "onnxruntime" if r.precision == "int8" else "onnxruntime-float",
                               r.reason))
@@ -174,7 +181,7 @@ def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict
              if n.op == "call_module" and Ctx.plan(n) is not None and "qcast_name" in n.meta}
     residual = frozenset(path for path, m in qdq.named_modules() if isinstance(m, FusedConv) and m.add)
     return ONNXRuntimeModule(session, exported.signature, exported.in_spec, exported.out_spec,
-                             layer_ops(optimized), names, residual)
+                             layer_ops(optimized), names, residual, frozenset(dynamic_linears(qdq)))
 
 
 __all__ = ["export_qdq_onnx", "lower", "explain", "ONNXRuntimeModule", "fused_layers"]
