@@ -40,6 +40,8 @@ from ..structure import FlatIO, flat_inputs, flatten, shape_error, unflatten
 #: channels (its own scale for each group; 0 turns it off and the linear runs in f32 on the decompressed weight).
 #: Measured on DeiT-tiny's linears (K = 192 / 768), see docs/design.md.
 DYNAMIC_GROUP = 32
+#: function calls whose compiled layers explain() reads back by their TorchScript name (``aten::matmul``)
+FUNCTION_OPS = ("matmul", "bmm", "softmax")
 #: compile settings besides the thread count (see the module docstring)
 COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
                   "DYNAMIC_QUANTIZATION_GROUP_SIZE": DYNAMIC_GROUP}
@@ -192,7 +194,14 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
     precision of the compiled layer whose original names include that module (for a conv/linear: its
     convolution/matmul, a FusedConv's inner ``.conv``). Rows of function calls (``x + y``, ``torch.cat``) cannot be
     matched: TorchScript, which OpenVINO's converter traces, names those ``aten::add`` without the fx node's name, so
-    they report engine ``openvino`` and the planned precision."""
+    they report engine ``openvino`` and the planned precision, except the attention's ``matmul``/``bmm``/``softmax``:
+    when every ``aten::matmul`` (...) layer of the compiled model runs in f32 (OpenVINO puts q @ k^T, softmax and
+    attn @ v into one f32 MHA ``Subgraph`` and applies their FakeQuantize as rounding in f32), such rows say float."""
+    by_aten: dict[str, set[tuple[str, str]]] = {}
+    for name, layer in lowered.layers.items():
+        for op in FUNCTION_OPS:
+            if f"/aten::{op}/" in name:
+                by_aten.setdefault(op, set()).add(layer)
     by_path: dict[str, set[tuple[str, str]]] = {}
     for name, layer in lowered.layers.items():
         path = _module_path(name)
@@ -205,7 +214,13 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
         if r.op in ("conv1d", "conv2d", "linear"):
             found = {layer for layer in found if layer[0] in WEIGHTED_LAYERS}
         precisions = sorted({p for _, p in found})
-        if not precisions:
+        compiled = by_aten.get(r.op, set()) if target is None and r.precision == "int8" else set()
+        if compiled and not {p for _, p in compiled} & {"u8", "i8"}:
+            kinds = "/".join(sorted({k for k, _ in compiled}))
+            out.append(OpInfo(r.name, r.op, "float", f"openvino:{kinds}",
+                              f"planned int8 ({r.reason}), but OpenVINO compiled every {r.op} of this model into {kinds} "
+                              "in f32: its FakeQuantize points only round the values"))
+        elif not precisions:
             out.append(OpInfo(r.name, r.op, r.precision, "openvino" if r.precision == "int8" else "openvino-float",
                               r.reason))
         elif len(precisions) > 1:
