@@ -92,7 +92,8 @@ def test_openvino_per_token_linears_really_quantize_their_activations():
     """Read back from the compiled model: each per-token linear is a FullyConnected with an int8 weight input, and the
     engine's dynamic quantization is on. OpenVINO's runtime model names the same layer and primitive whether or not it
     quantizes the activations, so the numbers decide: the same model compiled with dynamic quantization off (f32 GEMM
-    on the same int8 weights) gives another output, a few 8-bit steps away (measured 41 dB apart), not float noise."""
+    on the same int8 weights) gives another output, 8-bit rounding away (measured 36.6 dB apart on this block, 35.7
+    on the zoo DeiT), not float noise."""
     import openvino as ov
 
     from qcast.backends.openvino import COMPILE_CONFIG

@@ -167,16 +167,19 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
             # function calls: ORT's model does not say which matmul is which, only how many it fused
             why = (f"ONNX Runtime fused {lowered.matmuls} of the {planned} int8-planned matmuls of two activations"
                    if lowered.matmuls else "ONNX Runtime's QDQ fusion took none of the int8-planned matmuls (their "
-                   "inputs reach them through Split/Squeeze/Transpose): they run as float MatMuls on dequantized inputs")
+                   "inputs reach them through Split/Squeeze/Transpose): they run as float MatMuls on dequantized "
+                   "inputs")
             out.append(OpInfo(r.name, r.op, "float" if not lowered.matmuls else r.precision,
-                              "onnxruntime-float" if not lowered.matmuls else "onnxruntime", f"planned int8 ({r.reason}); {why}"))
+                              "onnxruntime-float" if not lowered.matmuls else "onnxruntime",
+                              f"planned int8 ({r.reason}); {why}"))
             continue
         kind = (lowered.layers.get(target) or lowered.layers.get(f"{target}.conv")) if target else None
         if target in lowered.dynamic and r.precision == "int8":
-            out.append(OpInfo(r.name, r.op, "float", "onnxruntime-float", "planned per-token dynamic int8, but ONNX "
-                              "Runtime has no per-token int8 linear (its dynamic quantization, DynamicQuantizeLinear + "
-                              "MatMulInteger, takes one range per tensor): it runs as a float MatMul; backend='openvino' "
-                              "or 'torch' run it int8, or QuantConfig(activation='int8') makes it static int8 here"))
+            out.append(OpInfo(r.name, r.op, "float", "onnxruntime-float",
+                              "planned per-token dynamic int8, but ONNX Runtime has no per-token int8 linear (its "
+                              "dynamic quantization, DynamicQuantizeLinear + MatMulInteger, takes one range per "
+                              "tensor): it runs as a float MatMul; backend='openvino' or 'torch' run it int8, or "
+                              "QuantConfig(activation='int8') makes it static int8 here"))
             continue
         if r.op not in ("conv1d", "conv2d", "linear") or kind is None:
             out.append(OpInfo(r.name, r.op, r.precision, "onnxruntime" if r.precision == "int8" else "onnxruntime-float",

@@ -218,8 +218,8 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
         if compiled and not {p for _, p in compiled} & {"u8", "i8"}:
             kinds = "/".join(sorted({k for k, _ in compiled}))
             out.append(OpInfo(r.name, r.op, "float", f"openvino:{kinds}",
-                              f"planned int8 ({r.reason}), but OpenVINO compiled every {r.op} of this model into {kinds} "
-                              "in f32: its FakeQuantize points only round the values"))
+                              f"planned int8 ({r.reason}), but OpenVINO compiled every {r.op} of this model into "
+                              f"{kinds} in f32: its FakeQuantize points only round the values"))
         elif not precisions:
             out.append(OpInfo(r.name, r.op, r.precision, "openvino" if r.precision == "int8" else "openvino-float",
                               r.reason))
