@@ -157,7 +157,10 @@ class OpenVINOModule(nn.Module):
     @property
     def dynamic_group(self) -> int:
         """The compiled model's ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` (0: weight-compressed linears run in f32)."""
-        return int(self.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
+        try:
+            return int(self.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
+        except RuntimeError:  # an OpenVINO without the property has no dynamic quantization
+            return 0
 
 
 def _shape(t: torch.Tensor):
@@ -284,8 +287,11 @@ def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict
     from ...plan import Ctx
 
     model, signature, in_spec, out_spec = to_openvino(qdq, example_args, example_kwargs)
+    core = ov.Core()
     settings = dict(COMPILE_CONFIG, INFERENCE_NUM_THREADS=torch.get_num_threads())
-    compiled = ov.Core().compile_model(model, "CPU", settings)
+    if "DYNAMIC_QUANTIZATION_GROUP_SIZE" not in core.get_property("CPU", "SUPPORTED_PROPERTIES"):
+        del settings["DYNAMIC_QUANTIZATION_GROUP_SIZE"]  # older OpenVINO: explain() then reports those linears f32
+    compiled = core.compile_model(model, "CPU", settings)
     names = {n.meta["qcast_name"]: n.target for n in qdq.graph.nodes
              if n.op == "call_module" and Ctx.plan(n) is not None and "qcast_name" in n.meta}
     return OpenVINOModule(compiled, signature, in_spec, out_spec, read_back(compiled), names, model, settings,
