@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UnsupportedError
+from .context import dynamic_linears  # noqa: F401 (part of this package's interface)
 
 #: subpackages that register a backend when imported (cheap imports: no engine)
 BACKEND_MODULES = ("qcast.backends.torch", "qcast.backends.openvino", "qcast.backends.onnxruntime")
@@ -134,4 +135,5 @@ def kernel_table(backend: str) -> str:
     return "torch" if backend in ("torch", "auto") else get_backend(backend).kernels
 
 
-__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table", "conv_add_rule", "check_traceable"]
+__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table", "conv_add_rule",
+           "check_traceable", "dynamic_linears"]

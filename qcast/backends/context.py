@@ -64,3 +64,19 @@ def int8_layers(gm: fx.GraphModule) -> dict[str, nn.Module]:
             if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                 out[node.target] = conv
     return out
+
+
+def dynamic_linears(gm: fx.GraphModule) -> dict[str, nn.Linear]:
+    """Module path -> nn.Linear of every per-token dynamic linear (``linear:dynamic`` plan) in ``gm``. In the QDQ graph
+    such a linear is float in, float out, with its float weight: each backend decides how it runs it int8 (torch:
+    ``kernels/dynamic.py``; OpenVINO: a weight-compressed linear it quantizes per token at run time; ONNX Runtime has
+    no per-token int8 linear and runs it in float, which its explain() says)."""
+    out = {}
+    for node in gm.graph.nodes:
+        plan = Ctx.plan(node)
+        if node.op == "call_module" and plan is not None and plan.precision == "int8" and plan.kernel is not None \
+                and plan.kernel.op == "linear:dynamic":
+            mod = gm.get_submodule(node.target)
+            out[node.target] = mod.conv if isinstance(mod, FusedConv) else mod
+    return out
+

@@ -63,7 +63,7 @@ class Stage:
 
 
 def _computes_int8(node: fx.Node) -> bool:
-    from ..plan import Ctx
+    from .context import Ctx
     plan = Ctx.plan(node)
     return plan is not None and plan.precision == "int8" and plan.kind in ("compute", "weight_only")
 

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ...quantized import OpInfo
-from .. import register_backend
+from .. import dynamic_linears, register_backend
 from ..structure import flat_inputs, shape_error, unflatten
 from .export import export_qdq_onnx, to_onnx
 
@@ -31,6 +31,11 @@ FUSED_WEIGHTED = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat
 FLOAT_WEIGHTED = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "NchwcConv")
 #: suffix of an int8 weight initializer (``canonical``): ``<module path>.weight_int8``
 WEIGHT = ".weight_int8"
+#: suffix of its scale initializer: what is left to find a linear by once ORT folded the transpose of its weight into
+#: a new initializer (a linear on a token sequence becomes MatMulIntegerToFloat reading ``<path>.weight_scale``)
+WEIGHT_SCALE = ".weight_scale"
+#: ORT's int8 matmuls (the attention's q @ k^T and attn @ v are these when its QDQ fusion takes them)
+INT8_MATMULS = ("QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul")
 
 
 def session_options(threads: int, optimized_path: str | None = None):
@@ -71,7 +76,15 @@ def fused_layers(optimized) -> dict[str, str]:
             for name in node.input:
                 if name.endswith(WEIGHT):
                     out[_path(name)] = node.op_type
+                elif name.endswith(WEIGHT_SCALE) and node.op_type in FUSED_WEIGHTED:
+                    out[_path(name[:-len(WEIGHT_SCALE)] + WEIGHT)] = node.op_type
     return out
+
+
+def activation_matmuls(optimized) -> int:
+    """How many int8 matmuls of ORT's optimized model multiply two activations (no weight initializer)."""
+    return sum(1 for n in optimized.graph.node if n.op_type in INT8_MATMULS
+               and not any(i.endswith(WEIGHT) or i.endswith(WEIGHT_SCALE) for i in n.input))
 
 
 def _path(weight: str) -> str:
@@ -102,8 +115,11 @@ class ONNXRuntimeModule(nn.Module):
     run one at a time (a lock: the session's intra-op pool is sized for one call)."""
 
     def __init__(self, session, signature: inspect.Signature, in_spec, out_spec, layers: dict[str, str],
-                 names: dict[str, str], residual: frozenset = frozenset()):
+                 names: dict[str, str], residual: frozenset = frozenset(), dynamic: frozenset = frozenset(),
+                 matmuls: int = 0):
         super().__init__()
+        self.matmuls = matmuls  # int8 matmuls of two activations in ORT's optimized model (activation_matmuls)
+        self.dynamic = dynamic  # module paths of the per-token dynamic linears (float MatMuls here)
         self.residual = residual  # module paths of convs fused with a residual add (FusedConv(add=True))
         self.session, self.signature, self.in_spec, self.out_spec = session, signature, in_spec, out_spec
         self.layers = layers  # module path -> ORT op type (QLinearConv, QGemm, Conv...) of each conv/linear
@@ -144,9 +160,27 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
     (``onnxruntime:QLinearConv``...), found by its weight initializer; an int8-planned conv that ORT left as a float
     Conv is reported in float with the reason. Other rows keep the plan, with engine ``onnxruntime``."""
     out = []
+    planned = sum(1 for r in rows if r.op in ("matmul", "bmm") and r.precision == "int8")
     for r in rows:
         target = lowered.names.get(r.name)
+        if r.op in ("matmul", "bmm") and r.precision == "int8" and lowered.matmuls < planned:
+            # function calls: ORT's model does not say which matmul is which, only how many it fused
+            why = (f"ONNX Runtime fused {lowered.matmuls} of the {planned} int8-planned matmuls of two activations"
+                   if lowered.matmuls else "ONNX Runtime's QDQ fusion took none of the int8-planned matmuls (their "
+                   "inputs reach them through Split/Squeeze/Transpose): they run as float MatMuls on dequantized "
+                   "inputs")
+            out.append(OpInfo(r.name, r.op, "float" if not lowered.matmuls else r.precision,
+                              "onnxruntime-float" if not lowered.matmuls else "onnxruntime",
+                              f"planned int8 ({r.reason}); {why}"))
+            continue
         kind = (lowered.layers.get(target) or lowered.layers.get(f"{target}.conv")) if target else None
+        if target in lowered.dynamic and r.precision == "int8":
+            out.append(OpInfo(r.name, r.op, "float", "onnxruntime-float",
+                              "planned per-token dynamic int8, but ONNX Runtime has no per-token int8 linear (its "
+                              "dynamic quantization, DynamicQuantizeLinear + MatMulInteger, takes one range per "
+                              "tensor): it runs as a float MatMul; backend='openvino' or 'torch' run it int8, or "
+                              "QuantConfig(activation='int8') makes it static int8 here"))
+            continue
         if r.op not in ("conv1d", "conv2d", "linear") or kind is None:
             out.append(OpInfo(r.name, r.op, r.precision, "onnxruntime" if r.precision == "int8" else "onnxruntime-float",
                               r.reason))
@@ -174,7 +208,8 @@ def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict
              if n.op == "call_module" and Ctx.plan(n) is not None and "qcast_name" in n.meta}
     residual = frozenset(path for path, m in qdq.named_modules() if isinstance(m, FusedConv) and m.add)
     return ONNXRuntimeModule(session, exported.signature, exported.in_spec, exported.out_spec,
-                             layer_ops(optimized), names, residual)
+                             layer_ops(optimized), names, residual, frozenset(dynamic_linears(qdq)),
+                             activation_matmuls(optimized))
 
 
 __all__ = ["export_qdq_onnx", "lower", "explain", "ONNXRuntimeModule", "fused_layers"]

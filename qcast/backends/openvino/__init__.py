@@ -7,6 +7,14 @@ FusedConv's inner conv is covered too); the activation ``QDQ`` points already ar
 plugin's low-precision transformations compile each quantized conv/linear to a u8 x i8 kernel that requantizes to
 the next QDQ's params: the same arithmetic as qcast's QDQ simulation (measured in docs/design.md).
 
+Per-token dynamic linears (``activation="auto"`` on token sequences: float in, float out in the QDQ graph, no
+activation QDQ) get their weight as an int8 constant times its per-channel scale (``CompressedWeight``). OpenVINO's
+CPU plugin compiles that pattern to a weight-compressed FullyConnected and, with ``DYNAMIC_QUANTIZATION_GROUP_SIZE``,
+quantizes its activations at run time to int8 per token and group of input channels, then runs a u8 x i8 GEMM: the
+engine's own dynamic quantization, the counterpart of the torch backend's per-token kernel (measured in
+docs/design.md). The fake-quant weight of the static linears would not do: without an activation FakeQuantize the
+low-precision transformations fold it into an f32 weight, and the linear runs in f32.
+
 Non-int8 parts run with ``INFERENCE_PRECISION_HINT=f32``: OpenVINO's default on CPUs with bf16 support would run
 them in bf16 and drift from the simulation. Threads: ``torch.get_num_threads()`` at convert time.
 
@@ -26,12 +34,19 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ...quantized import OpInfo
-from .. import check_traceable, register_backend
+from .. import check_traceable, dynamic_linears, register_backend
 from ..regions import unconverted
 from ..structure import FlatIO, flat_inputs, flatten, shape_error, unflatten
 
+#: OpenVINO quantizes a weight-compressed linear's activations at run time, per token and per this many input
+#: channels (its own scale for each group; 0 turns it off and the linear runs in f32 on the decompressed weight).
+#: Measured on DeiT-tiny's linears (K = 192 / 768), see docs/design.md.
+DYNAMIC_GROUP = 32
+#: function calls whose compiled layers explain() reads back by their TorchScript name (``aten::matmul``)
+FUNCTION_OPS = ("matmul", "bmm", "softmax")
 #: compile settings besides the thread count (see the module docstring)
-COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+                  "DYNAMIC_QUANTIZATION_GROUP_SIZE": DYNAMIC_GROUP}
 #: OpenVINO runtime layer types that carry a conv/linear's weights
 WEIGHTED_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
 
@@ -49,8 +64,27 @@ class WeightGrid(nn.Module):
         return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, 0, -128, 127)
 
 
+class CompressedWeight(nn.Module):
+    """Parametrization: the weight as ``int8 constant * per-channel scale`` (the grid of the torch backend's per-token
+    kernel, ``QLinearDynamic.from_float``: ``max|w| / 127``). OpenVINO keeps the int8 constant and compiles the
+    linear as a weight-compressed FullyConnected whose activations it quantizes at run time (module docstring)."""
+
+    def __init__(self, w: torch.Tensor, qmax: int = 127):
+        super().__init__()
+        from ...observers import weight_scales
+
+        scale = weight_scales(w, qmax)
+        self.register_buffer("weight_int8", torch.round(w.detach().float() / scale[:, None]).clamp_(-qmax, qmax)
+                             .to(torch.int8))
+        self.register_buffer("scale", scale[:, None].float())
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.weight_int8.to(torch.float32) * self.scale
+
+
 def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the QDQ graph whose int8 conv/linear weights are fake-quantized per channel when read."""
+    """A copy of the QDQ graph whose int8 conv/linear weights are fake-quantized per channel when read, and whose
+    per-token dynamic linears read an int8 constant (``CompressedWeight``)."""
     from ..context import int8_layers
     from ...observers import weight_scales
 
@@ -59,6 +93,8 @@ def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
         # qcast_weight_qmax < 127 for weight_bits < 8: the grid's step is max|w| / qmax, its ints fit [-128, 127]
         scale = weight_scales(conv.weight, conv.qcast_weight_qmax)
         parametrize.register_parametrization(conv, "weight", WeightGrid(scale), unsafe=True)
+    for linear in dynamic_linears(gm).values():
+        parametrize.register_parametrization(linear, "weight", CompressedWeight(linear.weight), unsafe=True)
     return gm
 
 
@@ -73,11 +109,12 @@ class OpenVINOModule(nn.Module):
     MAX_STATIC = 4
 
     def __init__(self, compiled, signature: inspect.Signature, in_spec, out_spec, layers: dict[str, str],
-                 names: dict[str, str], model=None, settings: dict | None = None):
+                 names: dict[str, str], model=None, settings: dict | None = None, dynamic: frozenset = frozenset()):
         super().__init__()
         self.compiled, self.signature, self.in_spec, self.out_spec = compiled, signature, in_spec, out_spec
         self.layers = layers  # runtime layer name -> runtime precision ("u8", "i8", "f32", ...) per weighted layer
         self.names = names    # explain() row name -> module path of its call_module node
+        self.dynamic = dynamic  # module paths of the per-token dynamic linears (weight-compressed, CompressedWeight)
         self._request = compiled.create_infer_request()
         self._model, self._settings = model, settings  # the dynamic-shape ov.Model and its compile settings
         self._static: dict[tuple, tuple] = {}  # input shapes -> (compiled model, infer request)
@@ -119,6 +156,14 @@ class OpenVINOModule(nn.Module):
     def extra_repr(self) -> str:
         return "openvino: " + ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
 
+    @property
+    def dynamic_group(self) -> int:
+        """The compiled model's ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` (0: weight-compressed linears run in f32)."""
+        try:
+            return int(self.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
+        except RuntimeError:  # an OpenVINO without the property has no dynamic quantization
+            return 0
+
 
 def _shape(t: torch.Tensor):
     import openvino as ov
@@ -154,7 +199,14 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
     precision of the compiled layer whose original names include that module (for a conv/linear: its
     convolution/matmul, a FusedConv's inner ``.conv``). Rows of function calls (``x + y``, ``torch.cat``) cannot be
     matched: TorchScript, which OpenVINO's converter traces, names those ``aten::add`` without the fx node's name, so
-    they report engine ``openvino`` and the planned precision."""
+    they report engine ``openvino`` and the planned precision, except the attention's ``matmul``/``bmm``/``softmax``:
+    when every ``aten::matmul`` (...) layer of the compiled model runs in f32 (OpenVINO puts q @ k^T, softmax and
+    attn @ v into one f32 MHA ``Subgraph`` and applies their FakeQuantize as rounding in f32), such rows say float."""
+    by_aten: dict[str, set[tuple[str, str]]] = {}
+    for name, layer in lowered.layers.items():
+        for op in FUNCTION_OPS:
+            if f"/aten::{op}/" in name:
+                by_aten.setdefault(op, set()).add(layer)
     by_path: dict[str, set[tuple[str, str]]] = {}
     for name, layer in lowered.layers.items():
         path = _module_path(name)
@@ -167,12 +219,28 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
         if r.op in ("conv1d", "conv2d", "linear"):
             found = {layer for layer in found if layer[0] in WEIGHTED_LAYERS}
         precisions = sorted({p for _, p in found})
-        if not precisions:
+        compiled = by_aten.get(r.op, set()) if target is None and r.precision == "int8" else set()
+        if compiled and not {p for _, p in compiled} & {"u8", "i8"}:
+            kinds = "/".join(sorted({k for k, _ in compiled}))
+            out.append(OpInfo(r.name, r.op, "float", f"openvino:{kinds}",
+                              f"planned int8 ({r.reason}), but OpenVINO compiled every {r.op} of this model into "
+                              f"{kinds} in f32: its FakeQuantize points only round the values"))
+        elif not precisions:
             out.append(OpInfo(r.name, r.op, r.precision, "openvino" if r.precision == "int8" else "openvino-float",
                               r.reason))
         elif len(precisions) > 1:
             out.append(OpInfo(r.name, r.op, r.precision, "openvino:" + "/".join(precisions),
                               r.reason + "; OpenVINO compiled its parts (or call sites) to different precisions"))
+        elif target in lowered.dynamic and precisions == ["i8"]:
+            # a weight-compressed FullyConnected reports i8 whether or not the engine quantizes its activations: the
+            # compiled group size says which (0: f32 GEMM on the decompressed weight)
+            group = lowered.dynamic_group
+            if group:
+                out.append(OpInfo(r.name, r.op, "int8", "openvino:i8", f"int8 weights; OpenVINO quantizes its "
+                                  f"activations at run time, per token and group of {group} input channels"))
+            else:
+                out.append(OpInfo(r.name, r.op, "float", "openvino:f32", "int8 weights decompressed to f32: this "
+                                  "OpenVINO runs no dynamic quantization (DYNAMIC_QUANTIZATION_GROUP_SIZE=0)"))
         elif precisions[0] in ("u8", "i8") or r.precision != "int8":
             out.append(OpInfo(r.name, r.op, r.precision, f"openvino:{precisions[0]}", r.reason))
         else:
@@ -228,8 +296,12 @@ def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict
     from ..context import Ctx
 
     model, signature, in_spec, out_spec = to_openvino(qdq, example_args, example_kwargs)
+    core = ov.Core()
     settings = dict(COMPILE_CONFIG, INFERENCE_NUM_THREADS=torch.get_num_threads())
-    compiled = ov.Core().compile_model(model, "CPU", settings)
+    if "DYNAMIC_QUANTIZATION_GROUP_SIZE" not in core.get_property("CPU", "SUPPORTED_PROPERTIES"):
+        del settings["DYNAMIC_QUANTIZATION_GROUP_SIZE"]  # older OpenVINO: explain() then reports those linears f32
+    compiled = core.compile_model(model, "CPU", settings)
     names = {n.meta["qcast_name"]: n.target for n in qdq.graph.nodes
              if n.op == "call_module" and Ctx.plan(n) is not None and "qcast_name" in n.meta}
-    return OpenVINOModule(compiled, signature, in_spec, out_spec, read_back(compiled), names, model, settings)
+    return OpenVINOModule(compiled, signature, in_spec, out_spec, read_back(compiled), names, model, settings,
+                          frozenset(dynamic_linears(qdq)))

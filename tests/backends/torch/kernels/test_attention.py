@@ -24,7 +24,7 @@ from tests.helpers import assert_sqnr, sqnr
 from tests.helpers import quantize_small as _quantize_small
 
 # These tests pin the *static* int8 kernels (int8 edges between linears and the ops under test). The default
-# activation="auto" runs linears on token sequences per-token dynamic with a float output (tests/kernels/test_dynamic.py),
+# activation="auto" runs linears on token sequences per-token dynamic with a float output (tests/backends/torch/kernels/test_dynamic.py),
 # so the static scheme is asked for explicitly, merged into any config a test passes.
 STATIC = {"activation": "int8"}
 

@@ -201,7 +201,7 @@ class FloatIsland(nn.Module):
         return self.conv2(y)
 
 
-# nn.LayerNorm, softmax and gelu have int8 kernels now (tests/kernels/test_attention.py); F.layer_norm with a
+# nn.LayerNorm, softmax and gelu have int8 kernels now (tests/backends/torch/kernels/test_attention.py); F.layer_norm with a
 # normalized_shape computed at run time (y.shape[1:]) still runs in float
 NO_KERNEL = {  # kind: (op name in explain, threshold)   # measured SQNR
     "exp": ("exp", 36.0),  # 40.0
