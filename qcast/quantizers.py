@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError, QcastError
-from .schemes import SCHEMES, Scheme, activation_range_params, pow2_up
+from .schemes import SCHEMES, Scheme, pow2_up
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,7 @@ class ActivationFakeQuant(FakeQuantizer):
         self.qmin, self.qmax, self.scheme, self.learnable = qmin, qmax, scheme, learnable
         self.observing = True
         self.register_buffer("seen", torch.tensor(0, dtype=torch.long))
+        self._seen: int | None = 0  # mirrors ``seen`` (None: not read since a state_dict was loaded)
         self.register_buffer("zero_point", torch.tensor([0.0]))  # 1-element: what the LSQ op takes
         if learnable:
             self.scale = nn.Parameter(torch.tensor([1.0]))
@@ -164,24 +165,42 @@ class ActivationFakeQuant(FakeQuantizer):
             self.register_buffer("scale", torch.tensor([1.0]))
 
     def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        lo, hi = torch.aminmax(x)
-        if int(self.seen) == 0:
+        """Update the range and (unless learned) the scale and zero point, in tensor ops only: no device sync, which
+        would cost a training step more than the fake-quant itself on a small model."""
+        lo, hi = torch.aminmax(x.detach().float())
+        first = self._seen == 0 if self._seen is not None else int(self.seen) == 0
+        if first:
             self.min_val.copy_(lo), self.max_val.copy_(hi)
         else:
             m = self.momentum
             self.min_val.mul_(1 - m).add_(m * lo)
             self.max_val.mul_(1 - m).add_(m * hi)
-        if not self.learnable or int(self.seen) == 0:
+        if not self.learnable or first:
             self._set_params()
         self.seen += 1
+        self._seen = (self._seen if self._seen is not None else int(self.seen) - 1) + 1
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen = None  # read from the loaded buffer when next needed
 
     def _set_params(self) -> None:
+        """``schemes.activation_range_params`` in tensor ops (float32)."""
         scheme = self.scheme or SCHEMES["uint8"]
-        scale, zp = activation_range_params(scheme, float(self.min_val), float(self.max_val), self.qmin, self.qmax)
+        qmin, qmax = self.qmin, self.qmax
+        lo, hi = self.min_val.clamp(max=0.0), self.max_val.clamp(min=0.0)
         with torch.no_grad():
-            self.scale.copy_(torch.tensor(scale))
-            self.zero_point.copy_(torch.tensor(float(zp)))
+            if scheme.symmetric:
+                zp = torch.full_like(lo, float((qmin + qmax + 1) // 2))
+                scale = torch.maximum(torch.maximum(-lo, hi) / (qmax - zp), -lo / (zp - qmin)).clamp_min(1e-8)
+            else:
+                scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
+            if scheme.pow2:
+                scale = pow2_up(scale)
+            if not scheme.symmetric:
+                zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+            self.scale.copy_(scale.reshape(1))
+            self.zero_point.copy_(zp.reshape(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
