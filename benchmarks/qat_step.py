@@ -47,7 +47,7 @@ def _step(model, opt, x, y):
     opt.step()
 
 
-def bench(name: str, batch: int, n: int, warmup: int) -> list[dict]:
+def bench(name: str, batch: int, n: int, warmup: int, observe: bool = False) -> list[dict]:
     import copy
     model, x, classes = _model(name, batch)
     y = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(0))
@@ -56,8 +56,10 @@ def bench(name: str, batch: int, n: int, warmup: int) -> list[dict]:
     rows = []
     for label, kw in variants.items():
         fm = copy.deepcopy(model).train()
+        # observers frozen after the warm-up rounds (``--observe``: never), BatchNorm statistics never: the
+        # steady state of a QAT run, which trains with batch statistics for most of its steps
         qm = qcast.prepare_qat(model, x, kw["config"], learnable_scales=kw.get("learnable_scales", False),
-                               freeze_bn_after=10_000)
+                               freeze_observers_after=None if observe else warmup)
         fo = torch.optim.SGD(fm.parameters(), lr=1e-4)
         qo = torch.optim.SGD([p for p in qm.parameters() if p.requires_grad], lr=1e-4)
         times = {"float": [], "qat": []}
@@ -68,7 +70,7 @@ def bench(name: str, batch: int, n: int, warmup: int) -> list[dict]:
                 if i >= warmup:
                     times[key].append(time.perf_counter() - t)
         f, q = statistics.median(times["float"]), statistics.median(times["qat"])
-        rows.append({"model": name, "batch": batch, "variant": label, "float_ms": f * 1e3, "qat_ms": q * 1e3,
+        rows.append({"model": name, "batch": batch, "variant": label, "observing": observe, "float_ms": f * 1e3, "qat_ms": q * 1e3,
                      "ratio": q / f})
         print(f"{name:>12} b{batch} {label:>9}: float {f * 1e3:7.2f} ms  qat {q * 1e3:7.2f} ms  ratio {q / f:.2f}x",
               flush=True)
@@ -82,9 +84,10 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--observe", action="store_true", help="keep the activation observers running every step")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("QCAST_BENCH_THREADS", "2")))
-    rows = [r for name in args.models.split(",") for r in bench(name, args.batch, args.n, args.warmup)]
+    rows = [r for name in args.models.split(",") for r in bench(name, args.batch, args.n, args.warmup, args.observe)]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

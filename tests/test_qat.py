@@ -266,3 +266,13 @@ def test_a_converted_qat_model_saves_and_loads(digits, float_model, tmp_path):
     x = digits.x[:64]
     with torch.no_grad():
         assert torch.equal(qmodel(x), back(x))
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_a_converted_qat_model_runs_on_the_engine_backends(digits, float_model, backend):
+    pytest.importorskip(backend)
+    config = QuantConfig(weight="test_qat_pow2", activation="int8", backend="torch")
+    prepared = _qat(float_model, digits, config, epochs=1)
+    qmodel = qcast.convert(prepared, backend=backend)
+    assert qmodel.qcast_meta["backend"] == backend
+    _agrees(prepared, qmodel, digits.x[digits.test_idx])
