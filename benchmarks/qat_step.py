@@ -6,7 +6,7 @@ A step is forward + cross-entropy + backward + SGD update, on ``QCAST_BENCH_THRE
 float and QAT models are timed interleaved (one step of each per round, ``--warmup`` rounds first), medians of
 ``--n`` rounds; the ratio is QAT / float (target: <= 1.5 on CPU, issue 12). Variants: int8 weights (default
 scheme), int4 weights, LSQ (learned scales). Models: ``digits_cnn`` (the test-suite's CNN, 8x8 inputs) and
-``tests.models.ZOO`` entries with image inputs. Results go to stdout and, with ``--out``, a JSON file.
+``cifar_cnn`` (a VGG-style CNN on 32x32 RGB, 5 conv+BN+relu) and ``tests.models.ZOO`` entries with image inputs. Results go to stdout and, with ``--out``, a JSON file.
 """
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def _model(name: str, batch: int):
     if name == "digits_cnn":
         from tests.test_qat import DigitsCNN
         return DigitsCNN().eval(), torch.rand(batch, 1, 8, 8), 10
+    if name == "cifar_cnn":  # a VGG-style CNN on 32x32 RGB: convs dominate the step, as in real training
+        layers, c = [], 3
+        for w in (32, 32, "M", 64, 64, "M", 128, "M"):
+            if w == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+                c = w
+        model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 4 * 4, 10))
+        return model.eval(), torch.rand(batch, 3, 32, 32), 10
     from tests.models import ZOO
     factory, example = ZOO[name]
     model = factory().eval()

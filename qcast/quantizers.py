@@ -140,6 +140,38 @@ def _reaches(x: torch.Tensor, y: torch.Tensor) -> bool:
 # ------------------------------------------------------------------------------------------------
 # the built-in trainable quantizers (QAT)
 # ------------------------------------------------------------------------------------------------
+class _PerTensorSTE(torch.autograd.Function):
+    """Per-tensor fake quantization with the straight-through estimator (gradient 1 inside the grid, 0 outside) and,
+    when ``scale`` needs a gradient, LSQ's for the scale (Esser et al. 2020: ``round(x/s) - x/s`` inside, the
+    clipped end ``qmin - zp`` / ``qmax - zp`` outside, times ``grad_factor``).
+
+    Values as ``torch.fake_quantize_per_tensor_affine`` computes them (``round(x * (1/s) + zp)``, round half to
+    even); written as a few in-place elementwise ops because those ATen kernels (``_cachemask_tensor_qparams`` and
+    the learnable variant's backward) measured 40-60 ms per 1M-element activation on this machine's one thread, as
+    long as the conv that produced it (``benchmarks/qat_step.py``, cifar_cnn)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
+        inv = 1.0 / scale
+        q = (x * inv).add_(zero_point).round_()
+        mask = (q >= qmin).logical_and_(q <= qmax)
+        y = q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        ctx.grad_factor = grad_factor
+        lsq = ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if lsq else None, y if lsq else None, inv if lsq else None, mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, inv, mask = ctx.saved_tensors
+        gx = grad * mask
+        gs = None
+        if ctx.needs_input_grad[1]:
+            # y / s = clamp(q) - zp: inside, minus x / s gives round(x/s) - x/s; outside it is the clipped end itself
+            gs = (gx.mul(x).neg_().add_(grad * y)).sum().reshape(inv.shape) * (inv * ctx.grad_factor)
+        return gx, gs, None, None, None, None
+
+
 class ActivationFakeQuant(FakeQuantizer):
     """Per-tensor fake quantization on the uint8 grid ``[qmin, qmax]`` (``scheme``: symmetric, power of two).
 
@@ -204,6 +236,10 @@ class ActivationFakeQuant(FakeQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
+        if torch.is_grad_enabled() and xf.requires_grad:  # training: the fused STE / LSQ below
+            scale = self.scale.abs().clamp_min(1e-8) if self.learnable else self.scale
+            grad = 1.0 / math.sqrt(max(x.numel(), 1) * self.qmax)
+            return _PerTensorSTE.apply(xf, scale, self.zero_point, self.qmin, self.qmax, grad).to(x.dtype)
         if self.learnable:
             grad = 1.0 / math.sqrt(max(x.numel(), 1) * self.qmax)
             y = torch._fake_quantize_learnable_per_tensor_affine(xf, self.scale.abs().clamp_min(1e-8),
