@@ -14,7 +14,10 @@ from .export import export
 from .errors import (CalibrationError, CaptureError, ConfigError, EvalError, FormatError, InputError, NotCalibratedError,
                      QcastError, UnsupportedError)
 from .prepare import ObservedModel, prepare
+from .qat import QATModel, prepare_qat, simulate
 from .quantized import OpInfo, QuantizedModel, explain
+from .quantizers import FakeQuantizer, Grid, register_quantizer
+from .schemes import SCHEMES, Scheme
 from .serialize import load, save
 from .report import SensitivityReport, compare, sensitivity
 
@@ -30,5 +33,5 @@ __all__ = [
     "quantize", "prepare", "calibrate", "convert", "explain", "compare", "sensitivity", "save", "load", "export", "QuantConfig", "QuantizedModel", "ObservedModel",
     "OpInfo", "CalibrationSummary", "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
     "NotCalibratedError", "UnsupportedError", "EvalError", "FormatError", "SensitivityReport", "AccuracySearch",
-    "SearchStep", "__version__",
+    "SearchStep", "FakeQuantizer", "Grid", "register_quantizer", "Scheme", "SCHEMES", "prepare_qat", "QATModel", "simulate", "__version__",
 ]

@@ -313,9 +313,16 @@ def layer_settings(gm, config) -> dict[str, tuple[int, str]]:
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in targets and node.target not in out:
             where = (node.meta.get("qcast_name", ""), node.meta.get("qcast_op", ""), node.meta.get("qcast_path", ""))
-            bits, rounding = int(config.setting("weight_bits", *where)), config.setting("rounding", *where)
+            scheme, bits, group = config.weight_scheme(*where)
+            rounding = config.setting("rounding", *where)
+            plain = scheme.name == "int8" or (not scheme.custom and not scheme.pow2 and not group)
             if rounding == "auto":
-                rounding = "adaround" if bits < 8 else "nearest"
+                rounding = "adaround" if bits < 8 and plain else "nearest"
+            elif rounding == "adaround" and not plain:
+                from .errors import ConfigError
+                raise ConfigError(f"{where[0]}: rounding='adaround' learns the rounding on a plain per-channel grid; "
+                                  f"weight={scheme.name!r}" + (f" with weight_group_size={group}" if group else "")
+                                  + " is not one. Use rounding='nearest' (or 'auto') for this layer")
             out[node.target] = (bits, rounding)
     return out
 

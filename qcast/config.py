@@ -18,12 +18,14 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-WEIGHT_SCHEMES = ("int8",)
-ACTIVATION_SCHEMES = ("auto", "int8", "float", "dynamic")
+# the built-in names; QuantConfig also accepts any scheme registered since (qcast/schemes.py, qcast.register_quantizer)
+WEIGHT_SCHEMES = ("int8", "int4", "pow2")
+ACTIVATION_SCHEMES = ("auto", "int8", "float", "dynamic", "uint8", "int8_sym", "pow2")
 ENGINES = ("auto", "onednn", "x86", "fbgemm", "qnnpack")
 ROUNDINGS = ("auto", "nearest", "adaround")
 # keys a per_layer override may set
-OVERRIDE_KEYS = ("activation", "calibration", "engine", "weight_bits", "rounding", "smoothquant")
+OVERRIDE_KEYS = ("activation", "calibration", "engine", "weight", "weight_bits", "weight_group_size", "rounding",
+                 "smoothquant")
 
 
 def estimators() -> tuple[str, ...]:
@@ -60,7 +62,12 @@ class QuantConfig:
 
     Attributes:
         skip: module-path globs or op names kept in float (e.g. ``["head.*", "softmax"]``).
-        weight: weight scheme; ``"int8"`` = per-channel symmetric int8.
+        weight: weight scheme (``qcast/schemes.py``): ``"int8"`` (default: per-channel symmetric int8), ``"int4"``
+            (per-channel symmetric 4-bit, i.e. ``weight_bits=4``; per group with ``weight_group_size``), ``"pow2"``
+            (int8 with power-of-two scales), or a name registered with ``@qcast.register_quantizer``. Fewer-bit and
+            power-of-two weights are stored on their grid inside int8 and run on the int8 kernels (explain() says so).
+        weight_group_size: one weight scale per this many consecutive inputs of an output channel (None: one per
+            channel). The grouped weight is re-rounded onto the per-channel int8 grid the kernels take.
         weight_bits: 2..8 (default 8): weights on a per-channel symmetric grid ``[-(2^(b-1)-1), 2^(b-1)-1]`` with
             scale ``max|w| / (2^(b-1)-1)``, stored in int8, so every kernel still runs int8.
         rounding: how weights are rounded onto that grid: ``"nearest"``, ``"adaround"`` (learned up/down
@@ -101,6 +108,7 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     weight: str = "int8"
     weight_bits: int = 8
+    weight_group_size: int | None = None
     rounding: str = "auto"
     adaround_iters: int = 1000
     activation: str = "auto"
@@ -119,8 +127,10 @@ class QuantConfig:
                               f"use skip=[{self.skip!r}]")
         object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
         object.__setattr__(self, "per_layer", _freeze_overrides(self.per_layer))
-        self._check("weight", self.weight, WEIGHT_SCHEMES)
-        self._check("activation", self.activation, ACTIVATION_SCHEMES)
+        from . import schemes
+        schemes.check_name("weight", self.weight, "weight")
+        schemes.check_name("activation", self.activation, "activation")
+        self._check_group("weight_group_size", self.weight_group_size)
         self._check("calibration", self.calibration, estimators())
         self._check("engine", self.engine, ENGINES)
         self._check("rounding", self.rounding, ROUNDINGS)
@@ -128,7 +138,12 @@ class QuantConfig:
         if isinstance(self.adaround_iters, bool) or not isinstance(self.adaround_iters, int) or self.adaround_iters < 1:
             raise ConfigError(f"QuantConfig.adaround_iters must be a positive integer, got {self.adaround_iters!r}")
         for glob, over in self.per_layer.items():
-            for key, allowed in (("activation", ACTIVATION_SCHEMES), ("calibration", estimators()), ("engine", ENGINES)):
+            for key in ("weight", "activation"):
+                if key in over:
+                    schemes.check_name(f"per_layer[{glob!r}].{key}", over[key], key)
+            if "weight_group_size" in over:
+                self._check_group(f"per_layer[{glob!r}].weight_group_size", over["weight_group_size"])
+            for key, allowed in (("calibration", estimators()), ("engine", ENGINES)):
                 if key in over:
                     self._check(f"per_layer[{glob!r}].{key}", over[key], allowed)
             if "rounding" in over:
@@ -163,6 +178,12 @@ class QuantConfig:
             if name.endswith("calibration"):
                 hint += " (other estimators can be registered with qcast.observers.register_estimator)"
             raise ConfigError(f"QuantConfig.{name}={value!r} is not one of {list(allowed)}{hint}")
+
+    @staticmethod
+    def _check_group(name: str, value: Any) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"QuantConfig.{name}={value!r} must be a positive integer (inputs per weight scale) or "
+                              "None (one scale per output channel)")
 
     @staticmethod
     def _check_bits(name: str, value: Any) -> None:
@@ -210,6 +231,26 @@ class QuantConfig:
             if key in over and self._matches(pattern, name, op, module_path):
                 value = over[key]
         return value
+
+    def weight_scheme(self, name: str, op: str, module_path: str = ""):
+        """``(Scheme, bits, group_size)`` of this layer's weight: ``weight="int4"`` is 4 bits whatever
+        ``weight_bits`` says unless it says another width than 8 or 4 (a ConfigError naming the layer)."""
+        from . import schemes
+        scheme = schemes.get(self.setting("weight", name, op, module_path))
+        bits = int(self.setting("weight_bits", name, op, module_path))
+        if not scheme.custom and scheme.bits != 8:
+            if bits not in (8, scheme.bits):
+                raise ConfigError(f"{name}: weight={scheme.name!r} is {scheme.bits}-bit but weight_bits={bits}; set one "
+                                  "of them (weight='int8' with weight_bits, or the named scheme)")
+            bits = scheme.bits
+        return scheme, bits, self.setting("weight_group_size", name, op, module_path)
+
+    def activation_scheme(self, name: str, op: str, module_path: str = ""):
+        """The ``Scheme`` of this op's activations, or None for the modes (auto, int8, float, dynamic) that keep
+        today's uint8 affine grid."""
+        from . import schemes
+        value = self.setting("activation", name, op, module_path)
+        return schemes.get(value) if value in schemes.SCHEMES and value not in ("int8", "uint8") else None
 
     # -- JSON ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from .backends import get_backend, kernel_table
 from .data import describe
 from .observers import bias_shift, fake_quant_weight
 from .backends.context import Ctx, int8_layers
+from .nn import FusedConv
 from .quantized import QDQ, OpInfo, QuantizedModel
+from .quantizers import QuantizerPoint, check_output
 
 VERSION = 1
 
@@ -57,18 +59,121 @@ def to_qdq(observed) -> fx.GraphModule:
             setattr(gm, node.target, QDQ(obs.qparams(), obs.name))
     if report is not None:
         gm.meta["qcast_adaround"] = report
+    schemes = layer_schemes(gm, observed.qcast_config)
+    trained = getattr(observed, "qcast_weight_quantizers", {})  # QAT: module path -> its trained weight quantizer
     for target, conv in int8_layers(gm).items():  # once per module, however many call sites it has
         w = conv.weight.detach().clone()
         qmax = qmax_of(settings[target][0])
-        conv.weight.data = learned[target].clone() if target in learned else fake_quant_weight(w, qmax)
-        conv.qcast_weight_qmax = qmax  # the grid the int8 kernel stores this weight on (QConv.from_float)
+        scheme, _, group, name = schemes[target]
+        if target in trained or scheme.custom:
+            fq = trained.get(target)
+            if fq is None:  # a registered quantizer, fresh for this weight (PTQ)
+                fq = scheme.quantizer()
+                fq.observe(w)
+            conv.weight.data, qmax = weight_from_quantizer(fq, w, name)
+        elif target in learned:
+            conv.weight.data = learned[target].clone()
+        elif scheme.pow2 or group:
+            conv.weight.data, qmax = scheme_weight(w, scheme, qmax, group, name)
+        else:
+            conv.weight.data = fake_quant_weight(w, qmax)
+        # the grid the int8 kernel stores this weight on (QConv.from_float): its largest int, per channel where the
+        # channels' scales are not max|w| / qmax (power-of-two or learned scales)
+        conv.qcast_weight_qmax = qmax
         if correct:
             # E[W_q x + b'] = E[W x + b]  =>  b' = b - E[(W_q - W) x]
             shift = bias_shift(conv, w, conv.weight.detach(), stats[target])
             bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(shift)
             conv.bias = nn.Parameter((bias - shift).to(w.dtype), requires_grad=False)
+    for target, path in gm.meta.get("qcast_sim_weights", {}).items():  # simulated layers: weight fake-quantized
+        layer = gm.get_submodule(target)
+        layer = layer.conv if isinstance(layer, FusedConv) else layer
+        fq = gm.get_submodule(path)
+        with torch.no_grad():
+            w = layer.weight.detach()
+            if not getattr(observed, "qcast_trained", False):  # PTQ: a fresh quantizer sees its weight first
+                fq.observe(w)
+            y = fq(w)
+        check_output(fq, w, y, f"{target} (weight)")
+        layer.weight.data = y.detach().clone()
+    for node in gm.graph.nodes:  # simulated layers' inputs: their quantizer now fake-quantizes
+        if node.op == "call_module" and "qcast_observes" not in node.meta:
+            point = gm.get_submodule(node.target)
+            if isinstance(point, QuantizerPoint):
+                point.active, point.observing = True, False
     gm.recompile()
     return gm
+
+
+def layer_schemes(gm: fx.GraphModule, config) -> dict:
+    """Module path -> ``(Scheme, bits, group_size, display name)`` of every int8 conv/linear's weight (a module called
+    at several sites: its first site's)."""
+    targets = int8_layers(gm)
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in targets and node.target not in out:
+            where = (node.meta.get("qcast_name", ""), node.meta.get("qcast_op", ""), node.meta.get("qcast_path", ""))
+            out[node.target] = (*config.weight_scheme(*where), where[0] or node.target)
+    return out
+
+
+def scheme_weight(w: torch.Tensor, scheme, qmax: int, group: int | None, name: str):
+    """``(weight on the scheme's grid, qmax for the int8 kernels)`` for power-of-two or grouped weights: a grouped
+    weight is re-rounded onto the per-channel int8 grid (groups have scales of their own, the kernels one per
+    channel; the extra error is at most half an 8-bit step), a per-channel one keeps its scales exactly."""
+    from .schemes import weight_grid
+    wq, scales = weight_grid(w, scheme, qmax, group, name)
+    if group:
+        return fake_quant_weight(wq, 127), 127
+    return wq, channel_qmax(wq, scales)
+
+
+def channel_qmax(wq: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the largest int of ``wq`` on its grid (``scales``): what ``weight_scales`` divides by
+    to recover those very scales."""
+    amax = wq.detach().reshape(wq.shape[0], -1).abs().amax(dim=1).float()
+    return torch.round(amax / scales.float()).clamp(1, 127).long()
+
+
+def weight_from_quantizer(fq, w: torch.Tensor, name: str):
+    """``(fake-quantized weight, qmax)`` of a quantizer that declares its grid: per-channel (or per-tensor) symmetric,
+    zero point 0, at most 8 bits; per-group scales are re-rounded onto the per-channel int8 grid."""
+    from .errors import QcastError
+    with torch.no_grad():
+        y = fq(w)
+    check_output(fq, w, y, f"{name} (weight)")
+    y = y.detach().float()
+    label = getattr(fq, "scheme_name", "") or type(fq).__name__
+    g = fq.grid(w)
+    if g is None:
+        raise QcastError(f"{name}: weight quantizer {label!r} declared no grid for this weight (grid() returned None)")
+    scale = torch.as_tensor(g.scale, dtype=torch.float32).flatten()
+    zp = torch.as_tensor(g.zero_point).flatten()
+    if bool((zp != 0).any()) or g.bits > 8:
+        raise QcastError(f"{name}: weight quantizer {label!r} declares {g!r} with zero point {zp.tolist()[:4]}: int8 "
+                         "kernels take symmetric weights (zero point 0) of at most 8 bits")
+    rows = y.reshape(y.shape[0], -1)
+    if scale.numel() == 1:
+        scale = scale.expand(rows.shape[0])
+    if scale.numel() != rows.shape[0]:
+        if rows.numel() % scale.numel():
+            raise QcastError(f"{name}: weight quantizer {label!r} declares {scale.numel()} scales for a weight of "
+                             f"{rows.shape[0]} channels")
+        grouped = rows.reshape(scale.numel(), -1)
+        _check_on_grid(grouped, scale, label, name)
+        return fake_quant_weight(y, 127), 127
+    _check_on_grid(rows, scale, label, name)
+    return y.reshape(w.shape).to(w.dtype), channel_qmax(y, scale)
+
+
+def _check_on_grid(rows: torch.Tensor, scale: torch.Tensor, label: str, name: str) -> None:
+    from .errors import QcastError
+    ints = rows / scale[:, None]
+    off = float((ints - torch.round(ints)).abs().max()) if ints.numel() else 0.0
+    if off > 1e-3 or float(torch.round(ints).abs().max()) > 127:
+        raise QcastError(f"{name}: weight quantizer {label!r} declared scales its output is not on (ints off by up to "
+                         f"{off:.3g}, largest {float(ints.abs().max()):.4g}): grid() must return the scales forward() "
+                         "rounds to, with ints within int8")
 
 
 def example_call(gm: fx.GraphModule) -> tuple[tuple, dict]:
@@ -129,6 +234,8 @@ def convert(observed, backend: str | None = None) -> QuantizedModel:
 
     if not isinstance(observed, ObservedModel):
         raise UnsupportedError(f"convert() needs the model returned by qcast.prepare(), got {type(observed).__name__}")
+    if hasattr(observed, "materialize"):  # a QAT model (qcast.prepare_qat): its trained BatchNorms folded, its grids
+        observed = observed.materialize()
     backend = backend or observed.qcast_config.backend
     kernels = kernel_table(observed.qcast_config.backend)
     if backend != "auto" and get_backend(backend).kernels != kernels:  # get_backend: pip command when not installed

@@ -83,6 +83,8 @@ class Observer(nn.Module):
     qcast_leaf = True
     #: class-wide switch: while True every observer passes tensors through without recording (``observers_bypassed``)
     bypass = False
+    #: the activation ``Scheme`` whose grid ``qparams()`` returns (None: uint8 affine over the clip range)
+    scheme = None
 
     def __init__(self, name: str = "", qmax: int = 255, percentile: float = 99.99):
         super().__init__()
@@ -126,6 +128,10 @@ class Observer(nn.Module):
                 "qcast.calibrate(observed, data) (or pass calibration data to qcast.quantize) before convert(); "
                 "if this layer is never reached by your data, keep it in float with QuantConfig(skip=[...]).")
         lo, hi = self.clip_range()
+        if self.scheme is not None:  # QuantConfig(activation="int8_sym" / "pow2" / ...): that scheme's grid
+            from .schemes import activation_range_params
+            scale, zp = activation_range_params(self.scheme, lo, hi, self.qmin, self.qmax)
+            return QParams(scale=scale, zero_point=zp, qmin=self.qmin, qmax=self.qmax)
         return qparams_from_range(lo, hi, self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
@@ -447,10 +453,28 @@ def bias_shift(layer: nn.Module, w: torch.Tensor, w_q: torch.Tensor, stats: Chan
 # ------------------------------------------------------------------------------------------------
 # weights
 # ------------------------------------------------------------------------------------------------
-def weight_scales(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
-    """Per-output-channel symmetric scales (max |w| / qmax; ``qmax = 2^(bits-1) - 1``, 127 for 8-bit weights)."""
+def weight_scales(w: torch.Tensor, qmax: int | torch.Tensor = 127) -> torch.Tensor:
+    """Per-output-channel symmetric scales (max |w| / qmax; ``qmax = 2^(bits-1) - 1``, 127 for 8-bit weights).
+
+    ``qmax`` may be one int per output channel: the largest int each channel of a weight already on a grid uses
+    (power-of-two or learned scales leave a channel's largest int below the grid's end; ``to_qdq`` records it as
+    ``qcast_weight_qmax`` so every backend recovers the very scales the weight was quantized with)."""
     amax = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1).float()
-    return (amax / float(qmax)).clamp_min(1e-12)
+    q = qmax.float() if isinstance(qmax, torch.Tensor) else float(qmax)
+    return (amax / q).clamp_min(1e-12)
+
+
+def qmax_bound(qmax: int | torch.Tensor) -> int:
+    """The largest int of a weight grid whose ``qmax`` may be per channel (``weight_scales``)."""
+    return int(qmax.max()) if isinstance(qmax, torch.Tensor) else int(qmax)
+
+
+def qmax_to_json(qmax: int | torch.Tensor):
+    return qmax.tolist() if isinstance(qmax, torch.Tensor) else int(qmax)
+
+
+def qmax_from_json(value) -> int | torch.Tensor:
+    return torch.tensor(value, dtype=torch.long) if isinstance(value, list) else int(value)
 
 
 def quantize_weight(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:

@@ -69,6 +69,9 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
                     p.reason += "; fused " + "+".join(["bn"] * bool(node.meta.get("qcast_folded")) + list(fused))
                 if node.meta.get("qcast_engine_note"):
                     p.reason += "; " + node.meta["qcast_engine_note"]
+                note = scheme_note(node, p, ctx)
+                if note:
+                    p.reason += "; " + note
             else:
                 p.reason = {"fixed": "fixed output params", "passthrough": "runs on the int8 tensor, no requantization",
                             "weight_only": "int8 weights"}.get(p.kind, "requantized to calibrated output params")
@@ -78,6 +81,31 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
                 if fused:  # add_relu: the relu runs inside the int8 add (last, as on convs: '...; fused relu')
                     p.reason += "; fused " + "+".join(fused)
     place_outputs(gm)
+
+
+def scheme_note(node, p: Plan, ctx: Ctx) -> str:
+    """What explain() says of a conv/linear whose weight or activation scheme is not the default int8: how its grid
+    reaches the int8 kernels."""
+    notes = []
+    if weight_layer(node, ctx) is not None:
+        scheme, bits, group = ctx.config.weight_scheme(p.name, p.op, p.path)
+        if scheme.custom:
+            notes.append(f"weight quantizer {scheme.name!r} (its declared grid) stored on the int8 grid")
+        elif scheme.pow2:
+            notes.append(f"{bits}-bit weights with power-of-two scales stored on the int8 grid")
+        elif bits < 8 or group:
+            notes.append(f"{scheme.name if scheme.name != 'int8' else f'{bits}-bit'} weights (ints in "
+                         f"[-{2 ** (bits - 1) - 1}, {2 ** (bits - 1) - 1}]"
+                         + (f", a scale per {group} inputs, re-rounded per channel" if group else "")
+                         + ") stored on the int8 grid")
+        if notes:
+            notes[-1] += ", run on the int8 kernels"
+    act = ctx.config.activation_scheme(p.name, p.op, p.path)
+    if act is not None:
+        notes.append(f"activation quantizer {act.name!r} (its declared grid)" if act.custom else
+                     f"{act.name} activations" + (" (zero point 0: the uint8 grid centred at 128)" if act.symmetric
+                                                  else "") + (" (power-of-two scales)" if act.pow2 else ""))
+    return "; ".join(notes)
 
 
 FLOAT_OUT_NOTE = "fp32 output (no int8 op reads it)"
@@ -130,6 +158,35 @@ def _wants_dynamic(node, ctx: Ctx) -> bool:
     return meta is not None and len(meta.shape) >= 3
 
 
+def weight_layer(node, ctx: Ctx):
+    """The conv/linear module a ``call_module`` node runs (a FusedConv's inner one), else None."""
+    import torch.nn as nn
+    from .nn import FusedConv
+    mod = ctx.modules.get(node.target) if node.op == "call_module" else None
+    mod = mod.conv if isinstance(mod, FusedConv) else mod
+    return mod if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) else None
+
+
+def _simulated(node, p: Plan, ctx: Ctx) -> str | None:
+    """A registered quantizer that declares no integer grid (``FakeQuantizer.grid``) cannot run on int8 kernels:
+    the ops it is named for run in float; a conv/linear is simulated (its inputs and weight fake-quantized by it,
+    ``node.meta['qcast_simulate']``, prepare inserts them)."""
+    act = ctx.config.activation_scheme(p.name, p.op, p.path)
+    act = act if act is not None and act.custom and not act.quantizer.declares_grid() else None
+    layer = weight_layer(node, ctx)
+    weight = ctx.config.weight_scheme(p.name, p.op, p.path)[0] if layer is not None else None
+    weight = weight if weight is not None and weight.custom and not weight.quantizer.declares_grid() else None
+    if act is None and weight is None:
+        return None
+    names = " and ".join(f"{kind} quantizer {s.name!r}" for kind, s in (("activation", act), ("weight", weight)) if s)
+    if layer is None:
+        return f"{names} declares no integer grid, so it runs in float (not simulated: not a conv/linear)"
+    node.meta["qcast_simulate"] = {"activation": act, "weight": weight}
+    return (f"simulated: {names} declare{'s' if ' and ' not in names else ''} no integer grid (FakeQuantizer.grid), "
+            "so the layer runs in float with its " + " and ".join(
+                w for w, s in (("inputs", act), ("weight", weight)) if s) + " fake-quantized")
+
+
 def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: bool) -> str | None:
     if node.op == "call_module" and node.target in opaque:
         return f"not capturable, runs in float: {opaque[node.target]}"
@@ -142,6 +199,9 @@ def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: b
         return f"kept in float by QuantConfig.skip pattern {pattern!r}"
     if ctx.setting(node, "activation") == "float":
         return "kept in float by QuantConfig activation='float'"
+    simulated = _simulated(node, p, ctx)
+    if simulated:
+        return simulated
     if _wants_dynamic(node, ctx):  # a per-token dynamic kernel where the op has one (kernels/dynamic.py)
         dynamic = lookup(f"{p.op}:dynamic", ctx.kernels)
         if dynamic is not None and not dynamic.impl.check(node, ctx):

@@ -17,6 +17,7 @@ from .config import QuantConfig
 from .data import as_call, check_finite
 from .errors import WHERE_IT_RUNS, CaptureError, ConfigError, UnsupportedError
 from .observers import FixedQParamsObserver, Observer, make_observer
+from .quantizers import QuantizerPoint
 from .plan import Ctx, is_int8, plan_graph
 
 
@@ -69,8 +70,10 @@ def placeholder_values(gm: fx.GraphModule, names: list[str], values: list[Any]) 
     return out
 
 
-def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | dict | None = None) -> ObservedModel:
-    """Capture ``model`` (a private copy; the original is untouched), fuse, plan int8 ops, insert observers."""
+def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | dict | None = None, *,
+            keep_bn: bool = False) -> ObservedModel:
+    """Capture ``model`` (a private copy; the original is untouched), fuse, plan int8 ops, insert observers.
+    ``keep_bn``: keep each folded BatchNorm and its unfolded conv aside (``gm.meta['qcast_bn_sources']``, for QAT)."""
     config = as_config(config)
     check_model(model)
     args, kwargs = as_call(example_inputs, "example_inputs")
@@ -88,9 +91,10 @@ def prepare(model: nn.Module, example_inputs: Any, config: QuantConfig | dict | 
         remove_stubs(gm)
         _debug("capture", gm)
         names, values = bind_inputs(work, args, kwargs)
-        transform(gm, config, placeholder_values(gm, names, values))
+        transform(gm, config, placeholder_values(gm, names, values), keep_bn=keep_bn)
         plan_graph(gm, config, captured.opaque)
         insert_observers(gm, config)
+        insert_simulation(gm)
         _debug("observe", gm)
     return ObservedModel(gm, config, captured.opaque, captured.input_names)
 
@@ -127,7 +131,7 @@ def check_patterns(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, st
         f"{'close matches' if close else 'some names in this model'}: {examples}. Fix the pattern or remove it.")
 
 
-def transform(gm: fx.GraphModule, config: QuantConfig, values: list[Any]) -> None:
+def transform(gm: fx.GraphModule, config: QuantConfig, values: list[Any], keep_bn: bool = False) -> None:
     """The graph passes, in place: fold constants, fold BN, equalize (``config.equalize``), fuse, then SmoothQuant's
     ``Smooth`` nodes (``config.smoothquant``; identities until calibration picks their scales). Fusing a residual
     add depends on shapes, so shapes are propagated (``node.meta['qcast_val']``) before ``equalize`` / ``fuse`` and again
@@ -135,7 +139,7 @@ def transform(gm: fx.GraphModule, config: QuantConfig, values: list[Any]) -> Non
     ``compare`` runs this too, so its float graph has the same op names as the quantized one."""
     passes.fold_constants(gm)
     _debug("fold_constants", gm)
-    passes.fold_bn(gm)
+    passes.fold_bn(gm, keep=keep_bn)
     _debug("fold_bn", gm)
     propagate_shapes(gm, values)
     if passes.decompose_sdpa(gm, config):  # needs shapes (the query's head dim)
@@ -167,13 +171,16 @@ def insert_observers(gm: fx.GraphModule, config: QuantConfig) -> None:
         if not is_int8(node):
             continue
         plan = node.meta["qcast_plan"]
+        scheme = config.activation_scheme(plan.name, plan.op, plan.path)
         if plan.kind in ("compute", "fixed") and not plan.float_out:  # float_out: no int8 op reads it (placement)
-            spec = wanted.setdefault(node, {"qmax": 255, "estimator": ctx.setting(node, "calibration")})
+            spec = wanted.setdefault(node, {"qmax": 255, "estimator": ctx.setting(node, "calibration"),
+                                            "scheme": scheme})
             if plan.kind == "fixed":
                 spec["fixed"] = plan.kernel.impl.fixed_qparams
         for inp in plan.kernel.impl.quant_inputs(node):
             origin = _origin(inp)
-            spec = wanted.setdefault(origin, {"qmax": 255, "estimator": ctx.setting(node, "calibration")})
+            spec = wanted.setdefault(origin, {"qmax": 255, "estimator": ctx.setting(node, "calibration"),
+                                              "scheme": scheme})
             if plan.kind == "compute":
                 spec["qmax"] = min(spec["qmax"], plan.input_qmax)
     for i, (value, spec) in enumerate(sorted(wanted.items(), key=lambda kv: list(gm.graph.nodes).index(kv[0]))):
@@ -182,8 +189,14 @@ def insert_observers(gm: fx.GraphModule, config: QuantConfig) -> None:
             raise UnsupportedError(f"internal error: {vname} would be observed for int8 but is not a floating-point "
                                    "tensor; please report this with the model. Workaround: QuantConfig(skip=[...]) "
                                    "on the ops that consume it")
-        obs = (FixedQParamsObserver(vname, spec["fixed"]) if "fixed" in spec
-               else make_observer(spec["estimator"], vname, qmax=spec["qmax"], percentile=config.percentile))
+        scheme = spec.get("scheme")
+        if "fixed" in spec:
+            obs = FixedQParamsObserver(vname, spec["fixed"])
+        elif scheme is not None and scheme.custom:  # a registered quantizer: it observes, and declares its grid
+            obs = QuantizerPoint(vname, scheme.quantizer(), qmax=spec["qmax"])
+        else:
+            obs = make_observer(spec["estimator"], vname, qmax=spec["qmax"], percentile=config.percentile)
+            obs.scheme = scheme  # None: uint8 affine; else int8_sym, pow2, ... (Observer.qparams)
         target = f"qcast_obs_{i}"
         gm.add_submodule(target, obs)
         anchor = value
@@ -194,6 +207,34 @@ def insert_observers(gm: fx.GraphModule, config: QuantConfig) -> None:
         obs_node.meta["qcast_observes"] = value
         obs_node.meta["qcast_val"] = value.meta.get("qcast_val")
         value.replace_all_uses_with(obs_node, delete_user_cb=lambda u: u is not obs_node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def insert_simulation(gm: fx.GraphModule) -> None:
+    """For each conv/linear simulated with a registered quantizer that declares no grid (``plan._simulated``): a
+    ``QuantizerPoint`` on its input (calibrated like an observer, fake-quantizing once convert activates it) and
+    its weight quantizer as a submodule, ``gm.meta['qcast_sim_weights']`` (module path -> quantizer path)."""
+    k = 0
+    for node in list(gm.graph.nodes):
+        sim = node.meta.get("qcast_simulate")
+        if not sim:
+            continue
+        name = node.meta.get("qcast_name", node.name)
+        if sim["weight"] is not None:
+            target = f"qcast_simw_{k}"
+            fq = sim["weight"].quantizer()
+            gm.add_submodule(target, fq)
+            gm.meta.setdefault("qcast_sim_weights", {})[node.target] = target
+        x = node.args[0] if node.args else None
+        if sim["activation"] is not None and isinstance(x, fx.Node) and is_float_tensor(x):
+            target = f"qcast_sim_{k}"
+            gm.add_submodule(target, QuantizerPoint(f"{name} (input)", sim["activation"].quantizer()))
+            with gm.graph.inserting_before(node):
+                point = gm.graph.call_module(target, (x,))
+            point.meta["qcast_val"] = x.meta.get("qcast_val")
+            node.replace_input_with(x, point)
+        k += 1
     gm.graph.lint()
     gm.recompile()
 

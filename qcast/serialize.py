@@ -38,6 +38,7 @@ from .errors import FormatError
 from .backends.torch.kernels import backends
 from .backends.torch.kernels.base import KERNEL_MODULES, KernelModule
 from .nn import FusedBatchNorm, FusedConv
+from .observers import qmax_from_json, qmax_to_json
 from .quantized import QDQ, OpInfo, QuantizedModel
 from .smooth import Smooth
 
@@ -230,7 +231,7 @@ def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor], kern
             if compact is not None:
                 spec["weight"] = compact[0]
                 if hasattr(m, "qcast_weight_qmax"):  # the grid to_qdq put it on (read by the backends)
-                    spec["weight_qmax"] = m.qcast_weight_qmax
+                    spec["weight_qmax"] = qmax_to_json(m.qcast_weight_qmax)
             return spec
     return {"kind": "user", "class": f"{type(m).__module__}.{type(m).__qualname__}"}
 
@@ -249,10 +250,11 @@ def _rows_on_grid(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tens
 def _grid_of(w: torch.Tensor, qmax: int, dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8, per-channel scales) of a conv/linear weight as its kernel quantizes it: ``QConv`` through
     ``quantize_weight``, the per-token ``QLinearDynamic`` by ``round(w / scale)`` (the two can round a tie apart)."""
-    from .observers import quantize_weight, weight_scales
+    from .observers import qmax_bound, quantize_weight, weight_scales
     if dynamic:
         scale = weight_scales(w, qmax)
-        return torch.round(w.float() / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8), scale.float()
+        bound = qmax_bound(qmax)
+        return torch.round(w.float() / scale[:, None]).clamp_(-bound, bound).to(torch.int8), scale.float()
     wq = quantize_weight(w, qmax)
     return wq.int_repr(), wq.q_per_channel_scales().float()
 
@@ -306,7 +308,7 @@ def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None)
             state["weight"] = _rows_on_grid(*rows)
             m.qcast_rows = rows  # what EmbeddingKernel.build packs (re-quantizing the rows would round some apart)
         if "weight_qmax" in spec:
-            m.qcast_weight_qmax = int(spec["weight_qmax"])
+            m.qcast_weight_qmax = qmax_from_json(spec["weight_qmax"])
         m.load_state_dict(state)
         return m.eval()
     if kind == "qdq":

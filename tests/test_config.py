@@ -75,7 +75,8 @@ def test_unknown_per_layer_key_is_a_config_error_naming_the_key():
     ({"per_layer": {"layer1.*": {"calibration": "entropy"}}}, "layer1"),
     ({"engine": "tensorrt"}, "engine"),
     ({"activation": "int4"}, "activation"),
-    ({"weight": "int4"}, "weight"),
+    ({"weight": "int3"}, "weight"),
+    ({"weight": "int8_sym"}, "is an? activation scheme, not a weight one"),
     ({"percentile": 120.0}, "percentile"),
     ({"skip": "layer4.*"}, "skip"),
     ({"bias_correction": "yes"}, "bias_correction"),
@@ -294,5 +295,6 @@ def test_a_typo_in_a_value_suggests_the_close_match(kwargs, hint):
 
 
 def test_a_fewer_bit_weight_scheme_points_at_weight_bits():
-    with pytest.raises(ConfigError, match="for 4-bit weights use weight_bits=4"):
-        QuantConfig(weight="int4")
+    # int4 is a scheme of its own (tests/test_schemes.py); other widths are weight_bits
+    with pytest.raises(ConfigError, match="for 3-bit weights use weight_bits=3"):
+        QuantConfig(weight="int3")

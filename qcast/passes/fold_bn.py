@@ -16,7 +16,9 @@ from ._util import call_sites, finish, only_user, set_module
 PATTERNS = [((nn.Conv1d, nn.Conv2d), (nn.BatchNorm1d, nn.BatchNorm2d)), ((nn.Linear,), (nn.BatchNorm1d,))]
 
 
-def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
+def fold_bn(gm: fx.GraphModule, keep: bool = False) -> fx.GraphModule:
+    """``keep``: the unfolded conv and its BatchNorm of each fold go to ``gm.meta['qcast_bn_sources']`` (module path
+    -> (conv, bn)), for QAT, which trains them and folds as it goes (``qcast/qat.py``)."""
     modules = dict(gm.named_modules())
     sites = call_sites(gm)
     for bn_node in list(gm.graph.nodes):
@@ -30,6 +32,8 @@ def fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         conv = modules[src.target]
         fused = fuse_linear_bn_eval(conv, bn) if isinstance(conv, nn.Linear) else fuse_conv_bn_eval(conv, bn)
+        if keep:
+            gm.meta.setdefault("qcast_bn_sources", {})[src.target] = (conv, bn)
         set_module(gm, src.target, fused)
         modules[src.target] = fused
         src.meta.setdefault("qcast_folded", []).append(bn_node.meta.get("qcast_name", bn_node.target))

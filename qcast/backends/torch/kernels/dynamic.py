@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ....nn import FusedConv
-from ....observers import weight_scales
+from ....observers import qmax_bound, weight_scales
 from ....smooth import Smooth
 from .base import KernelImpl, PackedKernelModule, kernel_module, not_float_input
 from .engines import available, engine_scope
@@ -73,7 +73,8 @@ class QLinearDynamic(PackedKernelModule):
     def from_float(cls, linear: nn.Linear, act: str = "", qmax: int = 127) -> "QLinearDynamic":
         w = linear.weight.detach().float()
         scale = weight_scales(w, qmax)
-        w_int = torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+        bound = qmax_bound(qmax)
+        w_int = torch.round(w / scale[:, None]).clamp_(-bound, bound).to(torch.int8)
         return cls(w_int, scale, linear.bias, act)
 
     def forward(self, x: torch.Tensor):
@@ -171,7 +172,7 @@ class LinearDynamicKernel(KernelImpl):
     @staticmethod
     def build(node, ctx):
         linear, act = _linear_and_act(node, ctx)
-        q = QLinearDynamic.from_float(linear, act)
+        q = QLinearDynamic.from_float(linear, act, getattr(linear, "qcast_weight_qmax", 127))
         x = node.args[0]
         smooth = ctx.modules.get(x.target) if isinstance(x, fx.Node) and x.op == "call_module" else None
         if isinstance(smooth, Smooth) and len(x.users) == 1 and smooth.inv_s.numel() == linear.in_features:
