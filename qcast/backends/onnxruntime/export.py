@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from ...errors import UnsupportedError
 from .. import check_traceable
@@ -98,6 +99,8 @@ def export_graph(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict 
     names = [f"input{i}" for i in range(len(tensors))]
     error = None
     for spatial_free in (True, False):
+        if spatial_free and not _free_sizes_exportable(qdq):
+            continue
         buffer = io.BytesIO()
         try:
             with warnings.catch_warnings(), torch.no_grad():
@@ -122,6 +125,27 @@ def export_graph(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict 
     if shared is not None:
         shared[key] = exported
     return exported
+
+
+def _free_sizes_exportable(qdq: fx.GraphModule) -> bool:
+    """False for a graph with an adaptive pooling to a size other than 1 (VGG's to 7x7): the exporter has no ONNX form
+    for it with free spatial sizes, and a failed export prints its whole TorchScript graph on stdout (from C++), so such
+    graphs are exported with a free batch only, without a failing first try. Other failures still fall back."""
+    import torch.nn.functional as F
+
+    pools = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+             nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+    functions = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+                 F.adaptive_max_pool2d, F.adaptive_max_pool3d)
+    for n in qdq.graph.nodes:
+        size = None
+        if n.op == "call_module" and isinstance(m := qdq.get_submodule(n.target), pools):
+            size = m.output_size
+        elif n.op == "call_function" and n.target in functions:
+            size = n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")
+        if size is not None and any(s != 1 for s in (size if isinstance(size, (tuple, list)) else (size,))):
+            return False
+    return True
 
 
 def to_onnx(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict | None = None,
