@@ -273,7 +273,10 @@ def lower(qdq: fx.GraphModule, config, opaque: dict[str, str], backend: str, exa
     example = example or example_call(qdq)
     choice = None
     if backend == "auto":
-        backend, gm, tried = choose(qdq, lambda b: lower_for(b, qdq, config), kernel_table(config.backend), example)
+        from .backends.onnxruntime.export import shared_export
+        with shared_export():  # ONNX Runtime and OpenVINO start from one ONNX export of the graph
+            backend, gm, tried = choose(qdq, lambda b: lower_for(b, qdq, config), kernel_table(config.backend),
+                                        example)
         choice = {"input": describe(*example), "candidates": [c.to_dict() for c in tried]}
     else:
         gm = lower_for(get_backend(backend), qdq, config)

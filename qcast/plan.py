@@ -80,7 +80,7 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
                     p.reason += "; " + note
                 if fused:  # add_relu: the relu runs inside the int8 add (last, as on convs: '...; fused relu')
                     p.reason += "; fused " + "+".join(fused)
-    place_outputs(gm)
+    place_outputs(gm, config.backend)
 
 
 def scheme_note(node, p: Plan, ctx: Ctx) -> str:
@@ -109,6 +109,8 @@ def scheme_note(node, p: Plan, ctx: Ctx) -> str:
 
 
 FLOAT_OUT_NOTE = "fp32 output (no int8 op reads it)"
+#: on an engine without an fp32-output kernel for the op (``Backend.float_out``)
+INT8_OUT_NOTE = "int8 output, dequantized after it (no int8 op reads it, but the {backend} backend has no fp32-output int8 {op})"
 
 
 def _int8_reader(node: fx.Node, smooths: set) -> bool:
@@ -119,7 +121,7 @@ def _int8_reader(node: fx.Node, smooths: set) -> bool:
                or (u in smooths and _int8_reader(u, smooths)) for u in node.users)
 
 
-def place_outputs(gm: fx.GraphModule) -> None:
+def place_outputs(gm: fx.GraphModule, backend: str = "torch") -> None:
     """Placement: an int8 op's inputs are quantized; its output is requantized only where an int8 op reads it,
     directly or through int8 passthrough ops. Walking the graph backwards (readers are decided before what they
     read), an int8 op whose output no int8 op reads:
@@ -131,14 +133,25 @@ def place_outputs(gm: fx.GraphModule) -> None:
       reads them), so the float region at a model's outputs is computed from fp32 conv/linear outputs.
 
     Model outputs and values read only by float ops therefore stay float (docs/design.md, "Placement").
+
+    ``backend``: the backend the model is planned for (``QuantConfig.backend``); a conv/linear whose fp32-output kernel
+    that engine lacks (``Backend.float_out``: ONNX Runtime's QLinearConv) keeps its requantized output instead, which
+    the engine dequantizes after it (BlazeFace's heads on ONNX Runtime: QLinearConv, not a float Conv).
     """
     from .smooth import Smooth
+    writes_float = None
+    if backend not in ("torch", "auto"):
+        from .backends import get_backend
+        writes_float = get_backend(backend).writes_float
     smooths = {n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Smooth)}
     for node in reversed(list(gm.graph.nodes)):
         p = Ctx.plan(node)
         if not is_int8(node) or _int8_reader(node, smooths):
             continue
-        if p.kind == "compute" and p.kernel.impl.float_output(node):
+        if p.kind == "compute" and p.kernel.impl.float_output(node) and writes_float and not writes_float(p.op):
+            head, sep, fused = p.reason.partition("; fused ")
+            p.reason = f"{head}; {INT8_OUT_NOTE.format(backend=backend, op=p.op)}{sep}{fused}"
+        elif p.kind == "compute" and p.kernel.impl.float_output(node):
             p.float_out = True
             head, sep, fused = p.reason.partition("; fused ")  # 'fused ...' stays last, as on every row
             p.reason = f"{head}; {FLOAT_OUT_NOTE}{sep}{fused}"

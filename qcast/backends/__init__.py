@@ -38,7 +38,11 @@ class Backend:
     ``True``/``False``, or a rule ``engine -> bool`` (the torch backend: only oneDNN has conv2d_add). A backend that
     executes another's plan (``kernels``) fuses only where both allow it.
     ``traces``: whether its lowering traces the graph once (the engines: TorchScript under their converters), so that
-    uncaptured regions must run in torch between the parts it lowers (``regions.lower_split``)."""
+    uncaptured regions must run in torch between the parts it lowers (``regions.lower_split``).
+    ``float_out``: the ops whose int8 kernel can write fp32 on this engine (``True``: every op the kernel table gives
+    such a kernel). Placement (``plan.place_outputs``) gives an int8 op that no int8 op reads an fp32 output only
+    where the engine has one; a conv/linear without one keeps its requantized output, dequantized after it (ONNX
+    Runtime: no QLinearConv with a float output, only QGemm; its float Conv on dequantized weights is slower)."""
 
     name: str
     lower: Callable = field(repr=False)
@@ -48,9 +52,14 @@ class Backend:
     explain: Callable = field(default=_same_rows, repr=False)
     conv_add: bool | Callable[[str], bool] = True
     traces: bool = True
+    float_out: bool | tuple[str, ...] = True
 
     def runs_conv_add(self, engine: str) -> bool:
         return self.conv_add(engine) if callable(self.conv_add) else bool(self.conv_add)
+
+    def writes_float(self, op: str) -> bool:
+        """Whether this engine has an int8 kernel for ``op`` that writes fp32 (see ``float_out``)."""
+        return self.float_out is True or op in self.float_out
 
     def available(self) -> bool:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
@@ -67,14 +76,16 @@ _BACKENDS: dict[str, Backend] = {}
 
 def register_backend(name: str, *, requires: str | None = None, install_hint: str = "", kernels: str = "torch",
                      explain: Callable | None = None,
-                     conv_add: bool | Callable[[str], bool] = True, traces: bool = True) -> Callable:
+                     conv_add: bool | Callable[[str], bool] = True, traces: bool = True,
+                     float_out: bool | tuple[str, ...] = True) -> Callable:
     """Decorator for a backend's ``lower(qdq, config, example_args, example_kwargs) -> nn.Module`` (``config``: the
     model's QuantConfig)."""
 
     def deco(lower: Callable) -> Callable:
         if name in _BACKENDS:
             raise ValueError(f"backend {name!r} registered twice")
-        _BACKENDS[name] = Backend(name, lower, requires, install_hint, kernels, explain or _same_rows, conv_add, traces)
+        _BACKENDS[name] = Backend(name, lower, requires, install_hint, kernels, explain or _same_rows, conv_add,
+                                  traces, float_out)
         return lower
 
     return deco

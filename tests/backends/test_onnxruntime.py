@@ -60,30 +60,49 @@ def test_onnxruntime_runs_the_qdq_graph(name, batch):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_int8_conv_and_linear_is_fused_by_onnxruntime(name):
-    """ORT's optimized model runs each int8 conv/linear as one of its int8 kernels (QLinearConv, QGemm...), except a
-    conv that writes fp32 (no int8 op reads its output: placement, docs/design.md): ORT has no int8 conv with a float
-    output, so it runs those (BlazeFace's four head convs) as float Conv, and explain() says so."""
+    """Planned for ONNX Runtime, ORT's optimized model runs every int8 conv/linear as one of its int8 kernels
+    (QLinearConv, QGemm...): a conv that no int8 op reads (BlazeFace's four heads) keeps its requantized output,
+    since ORT has no QLinearConv with a float output (``Backend.float_out``), and explain() says so."""
     _, _, qdq, q_torch, q_ort = converted(name)
     _, optimized = optimized_session(to_onnx(qdq, *example_call(qdq)).model.SerializeToString(), 1)
     fused = {path for path, op in fused_layers(optimized).items() if op in FUSED_WEIGHTED}
     layers = int8_layers(qdq)
     paths = {id(m): path for path, m in qdq.named_modules()}
-    fp32_convs = {n.target for n in qdq.graph.nodes if n.op == "call_module" and n.target in layers
-                  and n.meta["qcast_plan"].float_out and n.meta["qcast_op"] != "linear"}
-    planned = {paths[id(m)] for t, m in layers.items() if t not in fp32_convs}
+    planned = {paths[id(m)] for m in layers.values()}
     assert fused == planned, (sorted(planned - fused), sorted(fused - planned))
     kinds = [n.op_type for n in optimized.graph.node]
-    assert kinds.count("QLinearConv") + kinds.count("QGemm") == len(layers) - len(fp32_convs)
+    assert kinds.count("QLinearConv") + kinds.count("QGemm") == len(layers)
+    plans = {n.target: n.meta["qcast_plan"] for n in qdq.graph.nodes if n.op == "call_module" and n.target in layers}
+    assert not any(p.float_out for p in plans.values() if p.op != "linear")
+    heads = [t for t, p in plans.items() if "dequantized after it" in p.reason]
+    assert name != "blazeface" or len(heads) == 4, heads
+    rows, torch_rows = qcast.explain(q_ort), qcast.explain(q_torch)
+    assert [(r.name, r.op, r.precision) for r in rows] == [(r.name, r.op, r.precision) for r in torch_rows]
+    weighted = [r for r in rows if r.op in WEIGHTED_OPS]
+    assert weighted and all(r.engine in ("onnxruntime:QLinearConv", "onnxruntime:QGemm") for r in weighted), weighted
+    assert all("no fp32-output int8 conv2d" in {r.name: r for r in rows}[h].reason for h in heads)
+    assert "backend=onnxruntime" in repr(q_ort)
+
+
+def test_an_fp32_output_conv_planned_for_torch_runs_as_float_conv():
+    """Planned for the torch backend (as ``backend='auto'`` plans), a conv no int8 op reads writes fp32 (placement,
+    docs/design.md): ORT has no int8 conv with a float output, so it runs those (BlazeFace's four heads) as float
+    Conv, and explain() says so."""
+    model, input_fn = build_zoo("blazeface")
+    data = zoo_calibration(input_fn, n=2)
+    observed = qcast.prepare(model, data[0])
+    qcast.calibrate(observed, data, progress=False)
+    q_ort = qcast.convert(observed, backend="onnxruntime")
+    fp32_convs = {n.meta["qcast_name"] for n in q_ort.qcast_qdq.graph.nodes if n.op == "call_module"
+                  and n.meta.get("qcast_plan") is not None and n.meta["qcast_plan"].float_out}
+    assert len(fp32_convs) == 4
     rows = {r.name: r for r in qcast.explain(q_ort)}
     for target in fp32_convs:
         assert rows[target].precision == "float" and "float Conv" in rows[target].reason, rows[target]
-    assert name != "blazeface" or len(fp32_convs) == 4
-    rows, torch_rows = qcast.explain(q_ort), qcast.explain(q_torch)
-    assert [(r.name, r.op, r.precision) for r in rows if r.name not in fp32_convs] == [
-        (r.name, r.op, r.precision) for r in torch_rows if r.name not in fp32_convs]
-    weighted = [r for r in rows if r.op in WEIGHTED_OPS and r.name not in fp32_convs]
-    assert weighted and all(r.engine in ("onnxruntime:QLinearConv", "onnxruntime:QGemm") for r in weighted), weighted
-    assert "backend=onnxruntime" in repr(q_ort)
+    x = input_fn(batch=2, seed=10_000)
+    with torch.no_grad():
+        for s in leaf_sqnrs(q_ort.qcast_qdq(x), q_ort(x)):
+            assert_sqnr(s, SIM_THRESHOLD, "blazeface planned for torch, on onnxruntime, vs QDQ simulation")
 
 
 def test_a_residual_add_fused_into_the_conv_is_reported_float():
@@ -209,5 +228,8 @@ def test_backend_entry_reads_well():
 
     entry = get_backend("onnxruntime")
     assert repr(entry) == ("Backend(name='onnxruntime', requires='onnxruntime', install_hint='pip install "
-                           "\"qcast[onnxruntime]\"', kernels='torch', conv_add=False, traces=True)")
+                           "\"qcast[onnxruntime]\"', kernels='torch', conv_add=False, traces=True, "
+                           "float_out=('linear',))")
     assert get_backend("torch").conv_add and not get_backend("torch").traces
+    assert get_backend("torch").writes_float("conv2d")
+    assert entry.writes_float("linear") and not entry.writes_float("conv2d")

@@ -170,4 +170,4 @@ def test_backend_entries_read_well():
     ov = get_backend("openvino")
     assert ov.available() and dataclasses.is_dataclass(ov)
     assert repr(ov) == ("Backend(name='openvino', requires='openvino', install_hint='pip install \"qcast[openvino]\"', "
-                        "kernels='torch', conv_add=True, traces=True)")
+                        "kernels='torch', conv_add=True, traces=True, float_out=True)")

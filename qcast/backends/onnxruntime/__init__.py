@@ -197,7 +197,7 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
 
 
 @register_backend("onnxruntime", requires="onnxruntime", install_hint='pip install "qcast[onnxruntime]"', conv_add=False,
-                  explain=explain)
+                  float_out=("linear",), explain=explain)
 def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict) -> ONNXRuntimeModule:
     from ...nn import FusedConv
     from ..context import Ctx
