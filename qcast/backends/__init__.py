@@ -92,17 +92,16 @@ def get_backend(name: str) -> Backend:
 
 
 def check_traceable(qdq, engine: str) -> None:
-    """UnsupportedError for a QDQ graph an engine's tracer would get wrong: one captured through torch.export (Hugging
-    Face models), or one calling a region of the user's own Python that qcast could not capture (its data-dependent
-    ``if`` would be traced once and frozen to the branch the example input took: never silently). ``backend='auto'``
-    then keeps the torch backend, which calls the region as Python on every input."""
+    """UnsupportedError for a QDQ graph an engine's tracer would get wrong: one calling a region of the user's own
+    Python that qcast could not capture (its data-dependent ``if`` would be traced once and frozen to the branch the
+    example input took: never silently). ``backend='auto'`` then keeps the torch backend, which calls the region as
+    Python on every input. A graph captured through torch.export (Hugging Face models) is straight-line ATen code with
+    no such region; the sizes it reads from its inputs are kept symbolic by ``structure.traced_sizes``, which refuses
+    the size-reading ops it cannot keep so."""
     from ..nn import FusedBatchNorm, FusedConv
     from ..quantized import QDQ
     from ..smooth import Smooth
 
-    if hasattr(qdq, "_in_spec"):
-        raise UnsupportedError(f"the {engine} backend does not take models captured through torch.export yet (Hugging "
-                               "Face models); use backend='torch'")
     ours = (QDQ, FusedConv, FusedBatchNorm, Smooth)
     regions = [n.target for n in qdq.graph.nodes if n.op == "call_module"
                and not isinstance(m := qdq.get_submodule(n.target), ours) and not type(m).__module__.startswith("torch.")]

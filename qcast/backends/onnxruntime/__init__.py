@@ -125,7 +125,8 @@ class ONNXRuntimeModule(nn.Module):
 
     def _shape_error(self, tensors, detail: str):
         return shape_error("ONNX Runtime", ", ".join(_shape_str(i.shape) for i in self._inputs), tensors,
-                           "the batch size is free, the other sizes are those of the calibration data", detail)
+                           "the batch size and every size of an integer input (token ids, masks) are free, the "
+                           "other sizes are those of the calibration data", detail)
 
     def extra_repr(self) -> str:
         return "onnxruntime: " + ", ".join(_shape_str(i.shape) for i in self._inputs)

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from ...quantized import OpInfo
 from .. import check_traceable, register_backend
-from ..structure import FlatIO, flat_inputs, flatten, shape_error, unflatten
+from ..structure import FlatIO, flat_inputs, flatten, shape_error, traced_sizes, unflatten
 
 #: compile settings besides the thread count (see the module docstring)
 COMPILE_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
@@ -187,6 +187,7 @@ def to_openvino(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
 
     check_traceable(qdq, "openvino")
     gm = mark_int8_weights(qdq)
+    traced_sizes(gm, "openvino")
     signature = inspect.signature(gm.forward)
     bound = signature.bind(*example_args, **example_kwargs)
     bound.apply_defaults()
