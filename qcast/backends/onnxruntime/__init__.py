@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ...quantized import OpInfo
 from .. import register_backend
+from ..openvino import run_time_ops, run_time_row
 from ..structure import flat_inputs, shape_error, unflatten
 from .export import export_qdq_onnx, to_onnx
 
@@ -29,8 +30,8 @@ FUSED_WEIGHTED = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat
                   "DynamicQuantizeMatMul", "QAttention")
 #: float ORT ops a conv/linear ends up in when its pattern did not fuse
 FLOAT_WEIGHTED = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "NchwcConv")
-#: suffix of an int8 weight initializer (``canonical``): ``<module path>.weight_int8``
-WEIGHT = ".weight_int8"
+#: suffix of an int8 weight initializer (``canonical``): ``<module path>.weight_int8``, and of its scales
+WEIGHT, SCALE = ".weight_int8", ".weight_scale"
 
 
 def session_options(threads: int, optimized_path: str | None = None):
@@ -64,19 +65,21 @@ def optimized_session(model_bytes: bytes, threads: int):
 
 def fused_layers(optimized) -> dict[str, str]:
     """Module path -> ORT op type of every conv/linear in ORT's optimized model, found by its weight initializer
-    (``<path>.weight_int8``, named by ``canonical``): ``{'layer1.0.conv1.conv': 'QLinearConv', 'fc': 'Conv'...}``."""
+    (``<path>.weight_int8``, named by ``canonical``) or, where ORT folded a transpose into a renamed copy of that
+    initializer (a linear on token sequences: ``MatMulIntegerToFloat``), by its weight scale (``<path>.weight_scale``):
+    ``{'layer1.0.conv1.conv': 'QLinearConv', 'fc': 'Conv'...}``."""
     out = {}
     for node in optimized.graph.node:
         if node.op_type in FUSED_WEIGHTED + FLOAT_WEIGHTED:
             for name in node.input:
-                if name.endswith(WEIGHT):
+                if name.endswith(WEIGHT) or node.op_type in FUSED_WEIGHTED and name.endswith(SCALE):
                     out[_path(name)] = node.op_type
     return out
 
 
 def _path(weight: str) -> str:
     """``'gm.layer1.0.conv1.conv.weight_int8'`` (``FlatIO`` holds the graph as ``gm``) -> ``'layer1.0.conv1.conv'``."""
-    name = weight[:-len(WEIGHT)]
+    name = weight[:-len(WEIGHT)] if weight.endswith(WEIGHT) else weight[:-len(SCALE)]
     return name[len("gm."):] if name.startswith("gm.") else name
 
 
@@ -102,8 +105,9 @@ class ONNXRuntimeModule(nn.Module):
     run one at a time (a lock: the session's intra-op pool is sized for one call)."""
 
     def __init__(self, session, signature: inspect.Signature, in_spec, out_spec, layers: dict[str, str],
-                 names: dict[str, str], residual: frozenset = frozenset()):
+                 names: dict[str, str], residual: frozenset = frozenset(), run_time: frozenset = frozenset()):
         super().__init__()
+        self.run_time = run_time  # explain() row names of ops the torch backend quantizes at run time (weight_only)
         self.residual = residual  # module paths of convs fused with a residual add (FusedConv(add=True))
         self.session, self.signature, self.in_spec, self.out_spec = session, signature, in_spec, out_spec
         self.layers = layers  # module path -> ORT op type (QLinearConv, QGemm, Conv...) of each conv/linear
@@ -146,6 +150,9 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
     Conv is reported in float with the reason. Other rows keep the plan, with engine ``onnxruntime``."""
     out = []
     for r in rows:
+        if r.name in lowered.run_time:
+            out.append(run_time_row(r, "ONNX Runtime", "onnxruntime"))
+            continue
         target = lowered.names.get(r.name)
         kind = (lowered.layers.get(target) or lowered.layers.get(f"{target}.conv")) if target else None
         if r.op not in ("conv1d", "conv2d", "linear") or kind is None:
@@ -175,7 +182,7 @@ def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict
              if n.op == "call_module" and Ctx.plan(n) is not None and "qcast_name" in n.meta}
     residual = frozenset(path for path, m in qdq.named_modules() if isinstance(m, FusedConv) and m.add)
     return ONNXRuntimeModule(session, exported.signature, exported.in_spec, exported.out_spec,
-                             layer_ops(optimized), names, residual)
+                             layer_ops(optimized), names, residual, run_time_ops(qdq))
 
 
 __all__ = ["export_qdq_onnx", "lower", "explain", "ONNXRuntimeModule", "fused_layers"]

@@ -71,8 +71,9 @@ class OpenVINOModule(nn.Module):
     MAX_STATIC = 4
 
     def __init__(self, compiled, signature: inspect.Signature, in_spec, out_spec, layers: dict[str, str],
-                 names: dict[str, str], model=None, settings: dict | None = None):
+                 names: dict[str, str], model=None, settings: dict | None = None, run_time: frozenset = frozenset()):
         super().__init__()
+        self.run_time = run_time  # explain() row names of ops the torch backend quantizes at run time (weight_only)
         self.compiled, self.signature, self.in_spec, self.out_spec = compiled, signature, in_spec, out_spec
         self.layers = layers  # runtime layer name -> runtime precision ("u8", "i8", "f32", ...) per weighted layer
         self.names = names    # explain() row name -> module path of its call_module node
@@ -160,6 +161,9 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
             by_path.setdefault(path, set()).add(layer)
     out = []
     for r in rows:
+        if r.name in lowered.run_time:
+            out.append(run_time_row(r, "OpenVINO", "openvino"))
+            continue
         target = lowered.names.get(r.name)
         found = (by_path.get(target, set()) | by_path.get(f"{target}.conv", set())) if target else set()
         if r.op in ("conv1d", "conv2d", "linear"):
@@ -178,6 +182,23 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
                               f"planned int8 ({r.reason}), but OpenVINO compiled it in {precisions[0]}: its "
                               "low-precision transformations did not take this op's FakeQuantize pattern"))
     return tuple(out)
+
+
+def run_time_ops(qdq: fx.GraphModule) -> frozenset:
+    """explain() row names of the ops planned int8 of kind ``weight_only`` (per-token dynamic linears, embeddings): the
+    torch backend's kernel quantizes them at run time; the QDQ graph has no quantize/dequantize for them."""
+    from ...plan import Ctx
+
+    return frozenset(p.name for n in qdq.graph.nodes if (p := Ctx.plan(n)) is not None and p.precision == "int8"
+                     and p.kind == "weight_only")
+
+
+def run_time_row(r: OpInfo, engine: str, tag: str) -> OpInfo:
+    """The explain() row of a ``run_time_ops`` op on an engine, which runs it in float."""
+    return OpInfo(r.name, r.op, "float", f"{tag}-float",
+                  f"planned int8 for the torch backend ({r.reason}), whose kernel quantizes it at run time; the QDQ "
+                  f"graph has no quantize/dequantize for it, so {engine} runs it in float (QuantConfig(activation="
+                  "'int8') gives it static int8 activations, which engines run int8)")
 
 
 def to_openvino(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
@@ -224,4 +245,5 @@ def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict
     compiled = ov.Core().compile_model(model, "CPU", settings)
     names = {n.meta["qcast_name"]: n.target for n in qdq.graph.nodes
              if n.op == "call_module" and Ctx.plan(n) is not None and "qcast_name" in n.meta}
-    return OpenVINOModule(compiled, signature, in_spec, out_spec, read_back(compiled), names, model, settings)
+    return OpenVINOModule(compiled, signature, in_spec, out_spec, read_back(compiled), names, model, settings,
+                          run_time_ops(qdq))
