@@ -12,6 +12,12 @@ re-timed while other processes keep the CPU busy), on ``QCAST_BENCH_THREADS`` (d
 * ``dynamic``: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` (int8 weights, activations
   quantized per call: no calibration), the usual PyTorch recipe for transformers on CPU.
 
+``--engines`` (default: all of ``ENGINES``), each alone in a process of its own (``--worker``), on the same
+calibration items: ``qcast-openvino`` / ``qcast-onnxruntime`` / ``qcast-auto`` (``qcast.quantize(backend=...)`` with
+the same config as ``qcast``; ``explain()`` says which linears the engine runs int8) and ``nncf`` (OpenVINO + NNCF int8,
+``nncf.quantize(model_type=TRANSFORMER)`` on ``ov.convert_model`` of the float model). ``--qcast-config`` sets
+QuantConfig fields for every qcast candidate (e.g. ``'{"activation": "int8"}'``).
+
 Fidelity: SQNR (dB) of each candidate's output against fp32 on ``--eval-samples`` held-out samples. Sizes:
 ``torch.save(state_dict)`` for fp32 and dynamic, the ``qcast.save`` file for qcast.
 
@@ -338,7 +344,10 @@ def _engine_subprocess(name: str, engine: str, args) -> Dict[str, Any]:
             tail = " | ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-4:])
             return {"engine": engine, "status": f"error: exit {proc.returncode}: {tail[-400:]}"}
         with open(path) as f:
-            return {**json.load(f), "status": "ok"}
+            res = json.load(f)
+        for key in ("latency_ms", "foreign_load"):  # batch sizes as the main process keys them (JSON made them str)
+            res[key] = {int(b): v for b, v in res[key].items()}
+        return {**res, "status": "ok"}
 
 
 def run_model(name: str, args) -> Dict[str, Any]:
