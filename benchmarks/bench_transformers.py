@@ -12,6 +12,12 @@ re-timed while other processes keep the CPU busy), on ``QCAST_BENCH_THREADS`` (d
 * ``dynamic``: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` (int8 weights, activations
   quantized per call: no calibration), the usual PyTorch recipe for transformers on CPU.
 
+``--engines`` (default: all of ``ENGINES``), each alone in a process of its own (``--worker``), on the same
+calibration items: ``qcast-openvino`` / ``qcast-onnxruntime`` / ``qcast-auto`` (``qcast.quantize(backend=...)`` with
+the same config as ``qcast``; ``explain()`` says which linears the engine runs int8) and ``nncf`` (OpenVINO + NNCF int8,
+``nncf.quantize(model_type=TRANSFORMER)`` on ``ov.convert_model`` of the float model). ``--qcast-config`` sets
+QuantConfig fields for every qcast candidate (e.g. ``'{"activation": "int8"}'``).
+
 Fidelity: SQNR (dB) of each candidate's output against fp32 on ``--eval-samples`` held-out samples. Sizes:
 ``torch.save(state_dict)`` for fp32 and dynamic, the ``qcast.save`` file for qcast.
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -202,6 +209,147 @@ def _ort_candidates(model: nn.Module, calib: List[Any], example: Any, workdir: s
     return out
 
 
+#: candidates measured each in a process of its own, alone (their thread pools compete with nothing else there):
+#: qcast with each engine backend and ``auto``, and OpenVINO + NNCF int8
+ENGINES = ("qcast-openvino", "qcast-onnxruntime", "qcast-auto", "nncf")
+
+
+def _qcast_config(args):
+    import qcast
+
+    extra = json.loads(args.qcast_config) if args.qcast_config else {}
+    if args.skip:
+        extra["skip"] = list(args.skip)
+    return qcast.QuantConfig(**extra) if extra else None
+
+
+def _fidelity(bench: Bench, refs: List[Any], outs: List[Any]) -> Dict[str, Any]:
+    """SQNR (dB) against fp32 and, for embeddings, cosine to fp32 (mean and min over the sentences)."""
+    out: Dict[str, Any] = {"sqnr": sqnr(refs, outs)}
+    if bench.readout is not None:
+        cos = torch.cat([(r * q).sum(-1) for r, q in zip(refs, outs)])
+        out["cosine"] = {"mean": float(cos.mean()), "min": float(cos.min())}
+    return out
+
+
+def _nncf_runner(model: nn.Module, calib: List[Any], example: Any, readout: bool):
+    """OpenVINO + NNCF int8, the recipe OpenVINO documents for transformers: ``ov.convert_model`` of the torch model,
+    ``nncf.quantize(model_type=TRANSFORMER)`` on the same calibration items (every sample), compiled for the CPU
+    at each input shape met (static shapes, latency hint, f32 for what stays float, as qcast's OpenVINO backend).
+    Returns ``(run(x) -> output, facts)``; the output is ``(last_hidden_state,)`` for a model read out by ``readout``."""
+    import warnings
+
+    import nncf
+    import numpy as np
+    import openvino as ov
+
+    names = sorted(example) if isinstance(example, dict) else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32 = ov.convert_model(model, example_input=example if names else tuple(example))
+    feed = (lambda x: {k: np.asarray(x[k].numpy()) for k in names}) if names else (
+        lambda x: [a.numpy() for a in x])
+    items = [feed(c) if names else feed(c if isinstance(c, tuple) else (c,)) for c in calib]
+    t0 = time.perf_counter()
+    # subset_size counts dataset items (batches here): every one of them
+    int8 = nncf.quantize(fp32, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+    facts = {"quantize_s": time.perf_counter() - t0}
+    compiled: Dict[Any, Any] = {}
+
+    def run(x):
+        args = x if names else (x if isinstance(x, tuple) else (x,))
+        key = tuple(tuple(args[k].shape) for k in names) if names else tuple(tuple(a.shape) for a in args)
+        if key not in compiled:
+            m = int8.clone()
+            m.reshape({i: ov.PartialShape(list(shape)) for i, shape in zip(m.inputs, key)} if not names else
+                      {m.input(k): ov.PartialShape(list(args[k].shape)) for k in names})
+            c = ov.Core().compile_model(m, "CPU", {"INFERENCE_NUM_THREADS": BENCH_THREADS, "PERFORMANCE_HINT": "LATENCY",
+                                                   "INFERENCE_PRECISION_HINT": "f32"})
+            compiled[key] = (c, c.create_infer_request())
+        c, req = compiled[key]
+        res = req.infer(feed(args))
+        first = torch.from_numpy(res[c.outputs[0]].copy())
+        return (first,) if readout else first
+
+    rt = int8.get_ops()
+    facts["fake_quantize_nodes"] = sum(op.get_type_name() == "FakeQuantize" for op in rt)
+    return run, facts
+
+
+def _engine_worker(name: str, engine: str, args) -> Dict[str, Any]:
+    """One ``ENGINES`` candidate on one model, in this process: quantize on the model's calibration items, fidelity on
+    the held-out items, latency at each ``--batch``."""
+    bench = MODELS[name]
+    model = bench.build()
+    calib = bench.calib() if bench.calib else _calls(bench, args.calib, args.calib_batch, 1000)
+    calib = [c if isinstance(c, dict) or len(c) > 1 else c[0] for c in calib]
+    evals = _calls(bench, args.eval_samples, args.calib_batch, 5000)
+    res: Dict[str, Any] = {"engine": engine}
+    t0 = time.perf_counter()
+    if engine == "nncf":
+        run, facts = _nncf_runner(model, calib, evals[0], bench.readout is not None)
+        res.update(facts)
+    else:
+        import qcast
+
+        qm = qcast.quantize(model, calib, config=_qcast_config(args), backend=engine[len("qcast-"):], progress=False,
+                            check_speed=False)
+        res["quantize_s"] = time.perf_counter() - t0
+        res["backend"] = qm.qcast_meta["backend"]
+        if "backend_choice" in qm.qcast_meta:
+            res["backend_choice"] = [{k: c[k] for k in ("backend", "ms", "sqnr_vs_sim", "rejected")}
+                                     for c in qm.qcast_meta["backend_choice"]["candidates"]]
+        rows = qcast.explain(qm)
+        lin, mm = ([r for r in rows if r.op in ops] for ops in (("linear",), ("matmul", "bmm")))
+        engines: Dict[str, int] = {}
+        for r in lin:
+            engines[r.engine] = engines.get(r.engine, 0) + 1
+        res["explain"] = (f"{sum(r.precision == 'int8' for r in lin)}/{len(lin)} linear, "
+                          f"{sum(r.precision == 'int8' for r in mm)}/{len(mm)} matmul int8; linears on "
+                          + ", ".join(f"{k}: {v}" for k, v in sorted(engines.items())))
+        run = lambda x: _call(qm, x)  # noqa: E731
+    readout = bench.readout or (lambda o, x: o)
+    with torch.no_grad():
+        refs = [readout(_call(model, x), x) for x in evals]
+        res.update(_fidelity(bench, refs, [readout(run(x), x) for x in evals]))
+    res["latency_ms"] = {}
+    for b in args.batch:
+        x = bench.inputs(b, 9000)
+        # alone: torch's OpenMP pool, woken by an fp32 call in between, slowed the engine's own pool on the same cores
+        # (and the other way round: fp32 eager 1683 ms median next to NNCF-OpenVINO at MiniLM 8x32)
+        stats = latency_stats_quiet({engine: lambda: run(x)}, n=args.n, warmup=args.warmup, wait_s=args.wait,
+                                    log=lambda s: print(s, file=sys.stderr))
+        res["latency_ms"][b] = {k: {"median": v["median"], "p10": v["p10"], "p90": v["p90"]} for k, v in stats.items()}
+        res.setdefault("foreign_load", {})[b] = stats[engine]["foreign_load"]
+    return res
+
+
+def _engine_subprocess(name: str, engine: str, args) -> Dict[str, Any]:
+    """``_engine_worker`` in a fresh Python process; ``{"status": ...}`` says how it went."""
+    import subprocess
+
+    missing = [m for m in ({"nncf": ("openvino", "nncf")}.get(engine) or (engine[len("qcast-"):],))
+               if m != "auto" and importlib.util.find_spec(m) is None]
+    if missing:
+        return {"engine": engine, "status": f"not installed ({', '.join(missing)})"}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "result.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--models", name, "--worker-out", path,
+               "--batch", ",".join(map(str, args.batch)), "--calib", str(args.calib), "--calib-batch",
+               str(args.calib_batch), "--eval-samples", str(args.eval_samples), "--n", str(args.n), "--warmup",
+               str(args.warmup), "--wait", str(args.wait), "--skip", ",".join(args.skip), "--qcast-config",
+               args.qcast_config]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(path):
+            tail = " | ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-4:])
+            return {"engine": engine, "status": f"error: exit {proc.returncode}: {tail[-400:]}"}
+        with open(path) as f:
+            res = json.load(f)
+        for key in ("latency_ms", "foreign_load"):  # batch sizes as the main process keys them (JSON made them str)
+            res[key] = {int(b): v for b, v in res[key].items()}
+        return {**res, "status": "ok"}
+
+
 def run_model(name: str, args) -> Dict[str, Any]:
     import qcast
 
@@ -210,9 +358,8 @@ def run_model(name: str, args) -> Dict[str, Any]:
     calib = bench.calib() if bench.calib else _calls(bench, args.calib, args.calib_batch, 1000)
     evals = _calls(bench, args.eval_samples, args.calib_batch, 5000)
     t0 = time.perf_counter()
-    config = qcast.QuantConfig(skip=args.skip) if args.skip else None
-    qmodel = qcast.quantize(model, [c if isinstance(c, dict) or len(c) > 1 else c[0] for c in calib], config=config,
-                            progress=False)
+    qmodel = qcast.quantize(model, [c if isinstance(c, dict) or len(c) > 1 else c[0] for c in calib],
+                            config=_qcast_config(args), backend="torch", progress=False)
     quantize_s = time.perf_counter() - t0
     dynamic = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     rows = qcast.explain(qmodel)
@@ -248,6 +395,11 @@ def run_model(name: str, args) -> Dict[str, Any]:
                                     log=lambda s: print(s, file=sys.stderr))
         out["latency_ms"][b] = {k: {"median": v["median"], "p10": v["p10"], "p90": v["p90"]} for k, v in stats.items()}
         out.setdefault("foreign_load", {})[b] = next(iter(stats.values()))["foreign_load"]
+    out["engines"] = {}
+    for engine in args.engines:
+        t0 = time.perf_counter()
+        out["engines"][engine] = r = _engine_subprocess(name, engine, args)
+        print(f"[{name}] {engine}: {r['status']} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return out
 
 
@@ -265,7 +417,7 @@ def _db(r: Dict[str, Any], k: str) -> str:
 def render(results: List[Dict[str, Any]]) -> str:
     m = machine_info()
     lines = [f"Machine: {m['cpu']} ({m['isa']}), {m['cores']} cores, {m['threads']} threads, torch {m['torch']}", "",
-             "| model | batch | fp32 ms | qcast ms | torch dynamic ms | ORT static ms | ORT dynamic ms | qcast vs fp32 "
+             "| model | batch | fp32 ms | qcast (torch backend) ms | torch dynamic ms | ORT static ms | ORT dynamic ms | qcast vs fp32 "
              "| SQNR dB qcast / dynamic / ORT static / ORT dynamic | MB fp32 / qcast / dynamic | linear+matmul int8 "
              "| other load (cores) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -286,10 +438,28 @@ def render(results: List[Dict[str, Any]]) -> str:
             c = r["cosine"]
             cell = lambda k: f"{c[k]['mean']:.4f} / {c[k]['min']:.4f}" if k in c else "-"  # noqa: E731
             lines.append(f"| {r['model']} | " + " | ".join(cell(k) for k in ("qcast", "dynamic") + _ORT) + " |")
+    engine_rows = [(r, b, e) for r in results for e in r.get("engines", {}).values() if e["status"] == "ok"
+                   for b in e["latency_ms"]]
+    if engine_rows:
+        lines += ["", "Engines, each alone in a process of its own (the ratio is to the fp32 eager above, timed in the "
+                  "main process); qcast with the same config as above (`backend=` openvino, onnxruntime, auto), "
+                  "OpenVINO + NNCF int8 (`nncf.quantize(model_type=TRANSFORMER)`, same calibration items):", "",
+                  "| model | batch | candidate | ms | vs fp32 | SQNR dB | cosine mean / min | what runs int8 "
+                  "| other load (cores) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r, b, e in engine_rows:
+            q, f = e["latency_ms"][b][e["engine"]]["median"], r["latency_ms"][b]["fp32"]["median"]
+            cos = f"{e['cosine']['mean']:.4f} / {e['cosine']['min']:.4f}" if "cosine" in e else "-"
+            what = e.get("explain", f"{e.get('fake_quantize_nodes', '?')} FakeQuantize nodes")
+            if e.get("backend") and e["engine"] == "qcast-auto":
+                what = f"chose {e['backend']}: {what}"
+            lines.append(f"| {r['model']} | {b} | {e['engine']} | {q:.1f} | {f / q:.2f}x | {e['sqnr']:.1f} | {cos} | "
+                         f"{what} | {e['foreign_load'][b]:.2f} |")
     errors = [(r["model"], k, v) for r in {r["model"]: r for r in results}.values()
               for k, v in r.get("ort_errors", {}).items()]
+    errors += [(r["model"], k, e["status"]) for r in {r["model"]: r for r in results}.values()
+               for k, e in r.get("engines", {}).items() if e["status"] != "ok"]
     if errors:
-        lines += ["", "ONNX Runtime candidates that did not run:", ""]
+        lines += ["", "Candidates that did not run:", ""]
         lines += [f"- {model} {k}: {v}" for model, k, v in errors]
     return "\n".join(lines)
 
@@ -314,6 +484,19 @@ def _targets(results: List[Dict[str, Any]]) -> str:
             out.append(f"- deit_tiny: output SQNR {r['sqnr']['qcast']:.1f} dB "
                        f"({'meets' if r['sqnr']['qcast'] >= 30 else 'misses'} >= 30 dB)")
         out.append(f"- {r['model']}: {r['int8_linear_matmul']} linear/matmul ops int8")
+    for r in results:  # issue 11: qcast auto <= 1.1x OpenVINO+NNCF latency at cosine >= 0.997 mean / >= 0.99 min
+        auto, peer = r.get("engines", {}).get("qcast-auto", {}), r.get("engines", {}).get("nncf", {})
+        if auto.get("status") != "ok" or peer.get("status") != "ok":
+            continue
+        for b in auto["latency_ms"]:
+            ratio = auto["latency_ms"][b]["qcast-auto"]["median"] / peer["latency_ms"][b]["nncf"]["median"]
+            verdict = f"qcast auto ({auto['backend']}) {ratio:.2f}x NNCF-OpenVINO's latency"
+            if "cosine" in auto:
+                c = auto["cosine"]
+                ok = ratio <= 1.1 and c["mean"] >= 0.997 and c["min"] >= 0.99
+                verdict += (f", cosine {c['mean']:.4f} / {c['min']:.4f} (NNCF {peer['cosine']['mean']:.4f} / "
+                            f"{peer['cosine']['min']:.4f}): {'meets' if ok else 'misses'} <= 1.1x at >= 0.997 / 0.99")
+            out.append(f"- {r['model']} batch {b}: {verdict}")
     return "\n".join(out)
 
 
@@ -322,7 +505,8 @@ def _emit(results: List[Dict[str, Any]], args) -> None:
     print(md)
     if args.doc:
         head = ("## Transformers\n\nGenerated by `benchmarks/bench_transformers.py` (medians of interleaved runs in one "
-                "process; fp32 eager, qcast with its default config, `torch.ao.quantization.quantize_dynamic` on every "
+                "process; fp32 eager, qcast with its default config on the torch backend, "
+                "`torch.ao.quantization.quantize_dynamic` on every "
                 "`nn.Linear`, and ONNX Runtime int8 where installed: `quantize_static` (QDQ, u8 activations, s8 "
                 "per-channel weights, MinMax, after `quant_pre_process`) and `quantize_dynamic` (s8 weights) on the "
                 "legacy-exporter ONNX graph, same calibration items, sessions without spinning).\n\n")
@@ -341,7 +525,14 @@ def main(argv=None) -> int:
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a quiet machine before timing")
     p.add_argument("--no-ort", dest="ort", action="store_false",
                    help="leave out ONNX Runtime int8 (static and dynamic), timed by default when installed")
-    p.add_argument("--skip", default="", help="comma-separated QuantConfig.skip patterns for the qcast candidate")
+    p.add_argument("--skip", default="", help="comma-separated QuantConfig.skip patterns for the qcast candidates")
+    p.add_argument("--qcast-config", default="", help='QuantConfig fields as JSON for the qcast candidates, e.g. '
+                                                      '\'{"activation": "int8", "smoothquant": 0.8}\'')
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help=f"comma-separated candidates each measured in its own process, from {list(ENGINES)} ('' for "
+                        "none)")
+    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)  # one engine candidate, in this process
+    p.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help="write the JSON results here")
     p.add_argument("--doc", default="", help="write the table into this page's 'transformers' section "
                                               "(e.g. docs/benchmarks.md), with the command line")
@@ -350,6 +541,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.batch = [int(b) for b in args.batch.split(",")]
     args.skip = [s for s in args.skip.split(",") if s]
+    args.engines = [e for e in args.engines.split(",") if e]
+    unknown = [e for e in args.engines if e not in ENGINES]
+    if unknown:
+        p.error(f"unknown engine(s) {unknown}; known: {list(ENGINES)}")
+    if args.worker:
+        with open(args.worker_out, "w") as f:
+            json.dump(_engine_worker(args.models, args.worker, args), f, indent=1, default=str)
+        return 0
     if args.render:
         results = [r for path in args.render for r in json.load(open(path))["results"]]
         _emit(results, args)

@@ -113,17 +113,16 @@ def get_backend(name: str) -> Backend:
 
 
 def check_traceable(qdq, engine: str) -> None:
-    """UnsupportedError for a QDQ graph an engine's tracer would get wrong: one captured through torch.export (Hugging
-    Face models), or one calling a region of the user's own Python that qcast could not capture (its data-dependent
-    ``if`` would be traced once and frozen to the branch the example input took: never silently). ``backend='auto'``
-    then keeps the torch backend, which calls the region as Python on every input. ``convert`` never hands an engine
-    such a graph whole: it splits it at its regions (``regions.lower_split``); what still reaches this check is one file
-    for the whole graph (``qcast.export``)."""
+    """UnsupportedError for a QDQ graph an engine's tracer would get wrong: one calling a region of the user's own
+    Python that qcast could not capture (its data-dependent ``if`` would be traced once and frozen to the branch the
+    example input took: never silently). ``backend='auto'`` then keeps the torch backend, which calls the region as
+    Python on every input. ``convert`` never hands an engine such a graph whole: it splits it at
+    its regions (``regions.lower_split``); what still reaches this check is one file for the whole graph
+    (``qcast.export``). A graph captured through torch.export (Hugging Face models) is straight-line ATen code with
+    no such region; the sizes it reads from its inputs are kept symbolic by ``structure.traced_sizes``, which refuses
+    the size-reading ops it cannot keep so."""
     from .regions import uncaptured
 
-    if hasattr(qdq, "_in_spec"):
-        raise UnsupportedError(f"the {engine} backend does not take models captured through torch.export yet (Hugging "
-                               "Face models); use backend='torch'")
     regions = [n.target for n in uncaptured(qdq)]
     if regions:
         raise UnsupportedError(f"the {engine} backend would trace the uncaptured region(s) {regions[:3]} (your own "

@@ -2,8 +2,8 @@
 calibration input, time them interleaved on that input, keep the fastest.
 
 A backend is rejected (and says why in ``qcast_meta["backend_choice"]``) when it cannot lower the graph (an
-``UnsupportedError``: e.g. a model captured through torch.export on OpenVINO), raises when run, or disagrees with the
-simulation by more than ``MIN_SQNR`` dB. Backends round differently from the float simulation: one 8-bit step flipped costs a
+``UnsupportedError``: e.g. a model calling a region of Python qcast could not capture, on OpenVINO), raises when
+run, or disagrees with the simulation by more than ``MIN_SQNR`` dB. Backends round differently from the float simulation: one 8-bit step flipped costs a
 random-weight CNN's output ~36-40 dB (docs/design.md, OpenVINO backend), and the zoo's UNet, whose float region
 branches on its input's mean, measured 29.7 dB on the torch backend; a wrong lowering costs far more (< 10 dB).
 """

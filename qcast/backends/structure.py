@@ -91,3 +91,71 @@ def shape_error(engine: str, expected: str, tensors, free: str, detail: str = ""
                      f"{free})" + (f": {detail}" if detail else ""))
     err.engine_shape = True
     return err
+
+
+
+def traced_sizes(gm: nn.Module, engine: str) -> None:
+    """Make a torch.export-captured graph's sizes follow its inputs when an engine's converter traces it (in place).
+
+    Such a graph reads input sizes with ``aten.sym_size.int(x, d)`` (MiniLM: the batch and the sequence length, for
+    ``view``/``expand``/``arange`` and the attention mask). TorchScript's tracer, which OpenVINO's and ONNX Runtime's
+    converters run, does not record that op: it returns a plain int, so the traced model kept the example's batch and
+    length as constants (MiniLM calibrated at 4x16 failed in ONNX Runtime at 2x16: 'indices element out of data
+    bounds'). ``x.size(d)`` is recorded (``aten::size``, a 0-dim tensor while tracing), so the sizes stay symbolic in
+    the engine's graph; ATen ops that take such a size (``aten.arange``, ``aten.slice``, ``aten.expand``...) only take
+    Python ints, so they become their ``torch`` / ``Tensor`` counterparts, which take the traced size. A size-reading
+    ATen op with no counterpart is an UnsupportedError: traced, it would freeze the example's shape."""
+    import operator
+
+    import torch.fx as fx
+
+    from ..errors import UnsupportedError
+
+    if not isinstance(gm, fx.GraphModule):
+        return
+    sized: set[fx.Node] = set()  # nodes holding an input size, or an int computed from one
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size.default):
+            node.op, node.target = "call_method", "size"
+            sized.add(node)
+            changed = True
+            continue
+        reads: list[fx.Node] = []
+        fx.map_arg((node.args, node.kwargs), lambda a: reads.append(a) if a in sized else None)
+        if not reads:
+            continue
+        if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+            sized.add(node)  # int arithmetic on sizes (traced 0-dim tensors do the same arithmetic)
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            if not _python_counterpart(node):
+                raise UnsupportedError(
+                    f"the {engine} backend traces the graph with TorchScript, which would freeze the input size that "
+                    f"{node.target} (node {node.meta.get('qcast_name', node.name)!r}) reads to the example's; there "
+                    "is no torch counterpart qcast knows for it. Use backend='torch'")
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+def _python_counterpart(node) -> bool:
+    """Rewrite an ATen call to its ``torch`` function or ``Tensor`` method (same arguments), or a slice to indexing;
+    False when there is none."""
+    import operator
+
+    name = node.target.overloadpacket.__name__
+    if name == "slice":  # aten.slice.Tensor(x, dim=0, start=None, end=None, step=1) -> x[:, ..., start:end:step]
+        x, dim, start, end, step = [node.kwargs.get(k, v) for k, v in zip(
+            ("self", "dim", "start", "end", "step"), tuple(node.args) + (None, 0, None, None, 1)[len(node.args):])]
+        lead = (slice(None),) * dim if dim >= 0 else (Ellipsis,) + (slice(None),) * (-dim - 1)
+        node.target, node.args, node.kwargs = operator.getitem, (x, lead + (slice(start, end, step),)), {}
+        return True
+    kwargs = {k: v for k, v in node.kwargs.items() if not (k == "implicit" and v is False)}  # aten.expand's flag
+    if node.args and isinstance(node.args[0], torch.fx.Node) and isinstance(getattr(torch.Tensor, name, None),
+                                                                           type(torch.Tensor.size)):
+        node.op, node.target, node.kwargs = "call_method", name, kwargs
+        return True
+    if callable(getattr(torch, name, None)):
+        node.target, node.kwargs = getattr(torch, name), kwargs
+        return True
+    return False

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ...quantized import OpInfo
 from .. import dynamic_linears, register_backend
+from ..openvino import run_time_ops, run_time_row
 from ..structure import flat_inputs, shape_error, unflatten
 from .export import export_qdq_onnx, to_onnx
 
@@ -69,7 +70,9 @@ def optimized_session(model_bytes: bytes, threads: int):
 
 def fused_layers(optimized) -> dict[str, str]:
     """Module path -> ORT op type of every conv/linear in ORT's optimized model, found by its weight initializer
-    (``<path>.weight_int8``, named by ``canonical``): ``{'layer1.0.conv1.conv': 'QLinearConv', 'fc': 'Conv'...}``."""
+    (``<path>.weight_int8``, named by ``canonical``) or, where ORT folded a transpose into a renamed copy of that
+    initializer (a linear on token sequences: ``MatMulIntegerToFloat``), by its weight scale (``<path>.weight_scale``):
+    ``{'layer1.0.conv1.conv': 'QLinearConv', 'fc': 'Conv'...}``."""
     out = {}
     for node in optimized.graph.node:
         if node.op_type in FUSED_WEIGHTED + FLOAT_WEIGHTED:
@@ -89,7 +92,7 @@ def activation_matmuls(optimized) -> int:
 
 def _path(weight: str) -> str:
     """``'gm.layer1.0.conv1.conv.weight_int8'`` (``FlatIO`` holds the graph as ``gm``) -> ``'layer1.0.conv1.conv'``."""
-    name = weight[:-len(WEIGHT)]
+    name = weight[:-len(WEIGHT)] if weight.endswith(WEIGHT) else weight[:-len(WEIGHT_SCALE)]
     return name[len("gm."):] if name.startswith("gm.") else name
 
 
@@ -116,10 +119,11 @@ class ONNXRuntimeModule(nn.Module):
 
     def __init__(self, session, signature: inspect.Signature, in_spec, out_spec, layers: dict[str, str],
                  names: dict[str, str], residual: frozenset = frozenset(), dynamic: frozenset = frozenset(),
-                 matmuls: int = 0):
+                 matmuls: int = 0, run_time: frozenset = frozenset()):
         super().__init__()
         self.matmuls = matmuls  # int8 matmuls of two activations in ORT's optimized model (activation_matmuls)
         self.dynamic = dynamic  # module paths of the per-token dynamic linears (float MatMuls here)
+        self.run_time = run_time  # explain() row names of ops the torch backend quantizes at run time (weight_only)
         self.residual = residual  # module paths of convs fused with a residual add (FusedConv(add=True))
         self.session, self.signature, self.in_spec, self.out_spec = session, signature, in_spec, out_spec
         self.layers = layers  # module path -> ORT op type (QLinearConv, QGemm, Conv...) of each conv/linear
@@ -141,7 +145,8 @@ class ONNXRuntimeModule(nn.Module):
 
     def _shape_error(self, tensors, detail: str):
         return shape_error("ONNX Runtime", ", ".join(_shape_str(i.shape) for i in self._inputs), tensors,
-                           "the batch size is free, the other sizes are those of the calibration data", detail)
+                           "the batch size and every size of an integer input (token ids, masks) are free, the "
+                           "other sizes are those of the calibration data", detail)
 
     def extra_repr(self) -> str:
         return "onnxruntime: " + ", ".join(_shape_str(i.shape) for i in self._inputs)
@@ -162,6 +167,9 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
     out = []
     planned = sum(1 for r in rows if r.op in ("matmul", "bmm") and r.precision == "int8")
     for r in rows:
+        if r.name in lowered.run_time and lowered.names.get(r.name) not in lowered.dynamic:  # dynamic: below
+            out.append(run_time_row(r, "ONNX Runtime", "onnxruntime"))
+            continue
         target = lowered.names.get(r.name)
         if r.op in ("matmul", "bmm") and r.precision == "int8" and lowered.matmuls < planned:
             # function calls: ORT's model does not say which matmul is which, only how many it fused
@@ -209,7 +217,7 @@ def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict
     residual = frozenset(path for path, m in qdq.named_modules() if isinstance(m, FusedConv) and m.add)
     return ONNXRuntimeModule(session, exported.signature, exported.in_spec, exported.out_spec,
                              layer_ops(optimized), names, residual, frozenset(dynamic_linears(qdq)),
-                             activation_matmuls(optimized))
+                             activation_matmuls(optimized), run_time_ops(qdq))
 
 
 __all__ = ["export_qdq_onnx", "lower", "explain", "ONNXRuntimeModule", "fused_layers"]

@@ -30,7 +30,7 @@ from ...errors import UnsupportedError
 from .. import check_traceable
 from ..openvino import mark_int8_weights
 from ..regions import unconverted
-from ..structure import FlatIO, flatten
+from ..structure import FlatIO, flatten, traced_sizes
 from .canonical import canonicalize
 
 OPSET = 17
@@ -53,11 +53,16 @@ class Exported:
         return f"Exported({len(ops)} nodes, {ops.count('DequantizeLinear')} DequantizeLinear, inputs {self.in_spec})"
 
 
-def free_axes(example: torch.Tensor, dynamic: bool) -> dict[int, str]:
-    """Input axes ONNX Runtime's session leaves free: the batch (dim 0) only. Free spatial dims cost ORT its
-    shape-specific planning: measured on full-size MobileNetV2 at batch 1, 2 threads, 15.8 vs 8.2 ms (ResNet-18 19.6
-    vs 13.8 ms; a loaded machine, see docs/design.md)."""
-    return {0: "batch"} if dynamic and example.dim() >= 1 else {}
+def free_axes(example: torch.Tensor, dynamic: bool, name: str = "input") -> dict[int, str]:
+    """Input axes left free: the batch (dim 0) of a float input; every axis of an integer one (token ids, attention
+    masks: batch and sequence length, which a text model takes at any size). Free spatial dims of a float input cost ORT
+    its shape-specific planning: measured on full-size MobileNetV2 at batch 1, 2 threads, 15.8 vs 8.2 ms (ResNet-18
+    19.6 vs 13.8 ms; a loaded machine, see docs/design.md)."""
+    if not dynamic or example.dim() == 0:
+        return {}
+    if not example.dtype.is_floating_point:
+        return {d: "batch" if d == 0 else f"{name}_d{d}" for d in range(example.dim())}
+    return {0: "batch"}
 
 
 @contextlib.contextmanager
@@ -114,6 +119,7 @@ def export_graph(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict 
         return shared[key][1]
     check_traceable(qdq, "onnxruntime")
     gm = mark_int8_weights(qdq)
+    traced_sizes(gm, "onnxruntime")
     signature = inspect.signature(gm.forward)
     bound = signature.bind(*example_args, **(example_kwargs or {}))
     bound.apply_defaults()
@@ -132,7 +138,7 @@ def export_graph(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict 
                 torch.onnx.export(FlatIO(gm, in_spec).eval(), tuple(tensors), buffer, dynamo=False,
                                   opset_version=OPSET, input_names=names, do_constant_folding=True,
                                   output_names=[f"output{i}" for i in range(len(outs))],
-                                  dynamic_axes={n: engine_axes(t) if spatial_free else free_axes(t, True)
+                                  dynamic_axes={n: engine_axes(t) if spatial_free else free_axes(t, True, n)
                                                 for n, t in zip(names, tensors)})
             break
         except Exception as e:  # noqa: BLE001 - the exporter raises many kinds of errors

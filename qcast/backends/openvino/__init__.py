@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 from ...quantized import OpInfo
 from .. import check_traceable, dynamic_linears, register_backend
 from ..regions import unconverted
-from ..structure import FlatIO, flat_inputs, flatten, shape_error, unflatten
+from ..structure import FlatIO, flat_inputs, flatten, shape_error, traced_sizes, unflatten
 
 #: OpenVINO quantizes a weight-compressed linear's activations at run time, per token and per this many input
 #: channels (its own scale for each group; 0 turns it off and the linear runs in f32 on the decompressed weight).
@@ -110,8 +110,9 @@ class OpenVINOModule(nn.Module):
 
     def __init__(self, compiled, signature: inspect.Signature, in_spec, out_spec, layers: dict[str, str],
                  names: dict[str, str], model=None, settings: dict | None = None, dynamic: frozenset = frozenset(),
-                 paths: dict | None = None):
+                 paths: dict | None = None, run_time: frozenset = frozenset()):
         super().__init__()
+        self.run_time = run_time  # explain() row names of ops the torch backend quantizes at run time (weight_only)
         self.compiled, self.signature, self.in_spec, self.out_spec = compiled, signature, in_spec, out_spec
         self.layers = layers  # runtime layer name -> runtime precision ("u8", "i8", "f32", ...) per weighted layer
         self.names = names    # explain() row name -> module path of its call_module node
@@ -228,6 +229,9 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
             by_path.setdefault(path, set()).add(layer)
     out = []
     for r in rows:
+        if r.name in lowered.run_time and lowered.names.get(r.name) not in lowered.dynamic:  # dynamic: run int8 below
+            out.append(run_time_row(r, "OpenVINO", "openvino"))
+            continue
         target = lowered.names.get(r.name)
         found = (by_path.get(target, set()) | by_path.get(f"{target}.conv", set())) if target else set()
         if r.op in ("conv1d", "conv2d", "linear"):
@@ -262,6 +266,23 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
                               f"planned int8 ({r.reason}), but OpenVINO compiled it in {precisions[0]}: its "
                               "low-precision transformations did not take this op's FakeQuantize pattern"))
     return tuple(out)
+
+
+def run_time_ops(qdq: fx.GraphModule) -> frozenset:
+    """explain() row names of the ops planned int8 of kind ``weight_only`` (per-token dynamic linears, embeddings): the
+    torch backend's kernel quantizes them at run time; the QDQ graph has no quantize/dequantize for them."""
+    from ..context import Ctx
+
+    return frozenset(p.name for n in qdq.graph.nodes if (p := Ctx.plan(n)) is not None and p.precision == "int8"
+                     and p.kind == "weight_only")
+
+
+def run_time_row(r: OpInfo, engine: str, tag: str) -> OpInfo:
+    """The explain() row of a ``run_time_ops`` op on an engine, which runs it in float."""
+    return OpInfo(r.name, r.op, "float", f"{tag}-float",
+                  f"planned int8 for the torch backend ({r.reason}), whose kernel quantizes it at run time; the QDQ "
+                  f"graph has no quantize/dequantize for it, so {engine} runs it in float (QuantConfig(activation="
+                  "'int8') gives it static int8 activations, which engines run int8)")
 
 
 def to_openvino(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
@@ -347,6 +368,7 @@ def model_from_torch(qdq: fx.GraphModule, example_args: tuple, example_kwargs: d
     import openvino as ov
 
     gm = mark_int8_weights(qdq)
+    traced_sizes(gm, "openvino")
     signature = inspect.signature(gm.forward)
     bound = signature.bind(*example_args, **example_kwargs)
     bound.apply_defaults()
@@ -403,4 +425,4 @@ def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict
     names = {n.meta["qcast_name"]: n.target for n in qdq.graph.nodes
              if n.op == "call_module" and Ctx.plan(n) is not None and "qcast_name" in n.meta}
     return OpenVINOModule(compiled, signature, in_spec, out_spec, read_back(compiled), names, model, settings,
-                          frozenset(dynamic_linears(qdq)), paths)
+                          frozenset(dynamic_linears(qdq)), paths, run_time_ops(qdq))
