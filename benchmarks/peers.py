@@ -10,6 +10,11 @@ ONNX Runtime and OpenVINO are optional: they are imported lazily, and a missing 
 as ``"not installed"``. Each of them is measured in its own subprocess (``run_peer_subprocess``) so that
 their thread pools don't tax torch's or each other's; inside that process its fp32 and int8 variants
 are timed interleaved. The subprocess entry point is ``python -m benchmarks.peers --worker ENGINE --job DIR``.
+
+Backend studies (``run.py --study openvino,onnxruntime``): one worker per engine that compiles qcast's lowering
+next to that engine's own int8 model (NNCF / ``quantize_static``) and their variants (static vs dynamic shapes,
+precision hints, the other plan) and times them interleaved in one process, with the compiled layers / int8 kernels
+of each: ``_worker_study_openvino``, ``_worker_study_onnxruntime``.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ PEER_PACKAGES = {
     "qcast-openvino": ["openvino"],
     "qcast-onnxruntime": ["onnxruntime", "onnx"],
     "qcast-auto": ["torch"],
+    # backend studies (run.py --study): qcast's lowering and the engine's own int8 model side by side in one process
+    "study-openvino": ["openvino", "nncf"],
+    "study-onnxruntime": ["onnxruntime", "onnx"],
 }
 
 
@@ -399,8 +407,165 @@ def _worker_qcast(job_dir: str, backend: str) -> Dict[str, Any]:
     return res
 
 
+# ------------------------------------------------------------------------- backend studies (--study)
+
+
+def _runtime_layers(compiled) -> Dict[str, int]:
+    """How many layers of each ``type:precision`` OpenVINO's CPU plugin compiled (constants, inputs, outputs and
+    reshapes left out). ``Subgraph:u8`` is an eltwise chain run on its own (e.g. a residual add + FakeQuantize the
+    plugin did not fuse into the conv before it); ``Reorder`` a layout/precision copy."""
+    counts: Dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str) if "layerType" in info else "?"
+        if kind in ("Const", "Input", "Output", "Reshape"):
+            continue
+        key = f"{kind}:{info['runtimePrecision'].astype(str) if 'runtimePrecision' in info else '?'}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _study_calibrated(model, calib, config=None):
+    """(observed, QDQ graph) of qcast on the job's calibration data, planned for ``config`` (default: torch's plan)."""
+    import qcast
+    from qcast.convert import to_qdq
+
+    observed = qcast.prepare(model, calib[0], config) if config is not None else qcast.prepare(model, calib[0])
+    qcast.calibrate(observed, calib, progress=False)
+    return observed, to_qdq(observed)
+
+
+def _worker_study_openvino(job_dir: str) -> Dict[str, Any]:
+    """qcast's OpenVINO lowering next to NNCF's model, every variant compiled and timed in this one process,
+    interleaved (the comparison the per-engine workers cannot make: their processes run one after another, minutes
+    apart on a shared machine). Variants: ``qcast`` = ``convert(backend="openvino")`` called as users call it
+    (``qmodel(x)``); ``qcast raw`` = the same ov.Model compiled with the backend's settings at the input's static
+    shape and called through its infer request (the engine alone, without qcast's wrapper); ``qcast snippets on`` =
+    the same without the backend's ``SNIPPETS_MODE=DISABLE`` (its residual adds then run as eltwise subgraphs of their
+    own); ``qcast dynamic`` = its dynamic-shape compile; ``qcast bf16`` = static, OpenVINO's default inference
+    precision instead of the backend's f32;
+    ``qcast add apart`` = the graph planned with the residual add apart from the conv (``QuantConfig(backend=
+    "onnxruntime")``: the conv output gets its own calibrated FakeQuantize, NNCF's pattern), static, f32;
+    ``nncf`` / ``nncf f32`` = NNCF's int8 model at its default precision / f32; ``ov fp32`` = OpenVINO's float model
+    in f32. Also per variant: output SQNR vs float and vs qcast's QDQ simulation, and the compiled layer counts."""
+    job, data, model = _load_job(job_dir)
+    import openvino as ov
+    import qcast
+    from qcast.backends.openvino import CONV_ADD_CONFIG, settings, to_openvino
+    from qcast.convert import example_call
+
+    observed, qdq = _study_calibrated(model, data["calib"])
+    _, qdq_apart = _study_calibrated(model, data["calib"], qcast.QuantConfig(backend="onnxruntime"))
+    q_ov = qcast.convert(observed, backend="openvino")
+    src = to_openvino(qdq, *example_call(qdq))[0]
+    src_apart = to_openvino(qdq_apart, *example_call(qdq_apart))[0]
+    nncf_model = nncf_quantize(ov_convert(model, data["eval"]), data["calib"])
+    fp32_model = ov_convert(model, data["eval"])
+    backend = settings(qdq, job["threads"])  # what the backend compiles with (precision f32, snippets off if it adds)
+    # name -> (ov.Model, compile settings, static shapes?) for the compiled variants; "qcast" is the qcast wrapper
+    compiled_variants = {
+        "qcast raw": (src, backend, True),
+        "qcast snippets on": (src, {k: v for k, v in backend.items() if k not in CONV_ADD_CONFIG}, True),
+        "qcast dynamic": (src, backend, False),
+        "qcast bf16": (src, {k: v for k, v in backend.items() if k != "INFERENCE_PRECISION_HINT"}, True),
+        "qcast add apart": (src_apart, settings(qdq_apart, job["threads"]), True),
+        "nncf": (nncf_model, {}, True), "nncf f32": (nncf_model, {"INFERENCE_PRECISION_HINT": "f32"}, True),
+        "ov fp32": (fp32_model, {"INFERENCE_PRECISION_HINT": "f32"}, True)}
+
+    def compile_variant(m, cfg, static, args):
+        m = m.clone()
+        if static:
+            m.reshape({m.inputs[i]: ov.PartialShape(list(a.shape)) for i, a in enumerate(args)})
+        cfg = {"INFERENCE_NUM_THREADS": job["threads"], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, **cfg}
+        return ov.Core().compile_model(m, "CPU", cfg)
+
+    res: Dict[str, Any] = {"versions": {"openvino": ov.get_version(), **peer_versions("openvino")}, "variants": {}}
+    with torch.no_grad():
+        sim = qdq(*data["eval"])
+        out = q_ov(*data["eval"])
+    res["variants"]["qcast"] = {"sqnr": sqnr(data["ref"], out), "sqnr_vs_sim": sqnr(sim, out)}
+    for k, (m, cfg, static) in compiled_variants.items():
+        c = compile_variant(m, cfg, static, data["eval"])
+        out = _ov_runner(c, data["eval"])()
+        res["variants"][k] = {"sqnr": sqnr(data["ref"], out), "sqnr_vs_sim": sqnr(sim, out), "layers": _runtime_layers(c)}
+    res["latency"] = {}
+    for b, args in data["bench"].items():
+        fns = {"qcast": (lambda a=args: q_ov(*a))}
+        for k, (m, cfg, static) in compiled_variants.items():
+            fns[k] = _ov_runner(compile_variant(m, cfg, static, args), args)
+        res["latency"][str(b)] = latency_stats_quiet(
+            fns, n=job["n"], warmup=job["warmup"], wait_s=job.get("wait_quiet", 0.0), retries=job.get("retries", 0))
+    return res
+
+
+ORT_INT8_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearConcat",
+                "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearMul", "QLinearSigmoid", "QLinearSoftmax")
+
+
+def _ort_int8_nodes(optimized) -> Dict[str, int]:
+    """Int8 kernels (QLinearConv, QGemm, QLinearAdd...) in ORT's optimized model and how many of each."""
+    counts: Dict[str, int] = {}
+    for node in optimized.graph.node:
+        if node.op_type in ORT_INT8_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _worker_study_onnxruntime(job_dir: str) -> Dict[str, Any]:
+    """qcast's ONNX Runtime lowering next to ORT's own ``quantize_static``, in this one process, interleaved, no
+    spinning. Variants: ``qcast`` = ``convert(backend="onnxruntime")`` of the graph planned for ORT (``QuantConfig(
+    backend="onnxruntime")``: residual adds apart from the conv, as ORT's QDQ fusions need), called as ``qmodel(x)``;
+    ``qcast fixed shape`` = its export at the input's fixed shape in a plain session (the backend leaves the batch
+    free); ``qcast torch plan`` = ``convert(backend="onnxruntime")`` of the graph planned for the torch backend (its
+    conv + add convs run in float on ORT); ``ort int8`` = ``quantize_static``; ``ort fp32``. Also the int8 kernels in
+    each ORT-optimized model and the output SQNR vs float."""
+    job, data, model = _load_job(job_dir)
+    import onnxruntime as ort
+    import qcast
+    from qcast.backends.onnxruntime import optimized_session
+    from qcast.backends.onnxruntime.export import to_onnx
+    from qcast.convert import example_call, to_qdq
+
+    observed, _ = _study_calibrated(model, data["calib"], qcast.QuantConfig(backend="onnxruntime"))
+    observed_torch, _ = _study_calibrated(model, data["calib"])
+    q_ort = qcast.convert(observed, backend="onnxruntime")
+    q_ort_torch_plan = qcast.convert(observed_torch, backend="onnxruntime")
+    qdq = to_qdq(observed)
+    _, qcast_opt = optimized_session(to_onnx(qdq, *example_call(qdq)).model.SerializeToString(), job["threads"])
+    fp32_path, int8_path = os.path.join(job_dir, "study_fp32.onnx"), os.path.join(job_dir, "study_int8.onnx")
+    names = export_onnx(model, data["eval"], fp32_path)["input_names"]
+    ort_quantize_static(fp32_path, int8_path, data["calib"], names)
+    sessions = {"ort int8": ort_session(int8_path, job["threads"]), "ort fp32": ort_session(fp32_path, job["threads"])}
+    static_opt = os.path.join(job_dir, "study_int8.opt.onnx")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = static_opt
+    ort.InferenceSession(int8_path, so, providers=["CPUExecutionProvider"])
+    import onnx
+
+    res: Dict[str, Any] = {"versions": {"onnxruntime": ort.__version__, **peer_versions("ort")}, "variants": {}}
+    with torch.no_grad():
+        res["variants"]["qcast"] = {"sqnr": sqnr(data["ref"], q_ort(*data["eval"])), "int8_nodes": _ort_int8_nodes(qcast_opt)}
+        res["variants"]["qcast torch plan"] = {"sqnr": sqnr(data["ref"], q_ort_torch_plan(*data["eval"]))}
+    feed = _to_numpy_feed(data["eval"], names)
+    for k, s in sessions.items():
+        res["variants"][k] = {"sqnr": sqnr(data["ref"], s.run(None, feed))}
+    res["variants"]["ort int8"]["int8_nodes"] = _ort_int8_nodes(onnx.load(static_opt))
+    res["latency"] = {}
+    for b, args in data["bench"].items():
+        fixed, _ = optimized_session(to_onnx(qdq, args, dynamic=False).model.SerializeToString(), job["threads"])
+        fixed_feed = {i.name: a.numpy() for i, a in zip(fixed.get_inputs(), args)}
+        fb = _to_numpy_feed(args, names)
+        fns = {"qcast": (lambda a=args: q_ort(*a)), "qcast fixed shape": (lambda: fixed.run(None, fixed_feed)),
+               "qcast torch plan": (lambda a=args: q_ort_torch_plan(*a))}
+        fns.update({k: (lambda s=s: s.run(None, fb)) for k, s in sessions.items()})
+        res["latency"][str(b)] = latency_stats_quiet(
+            fns, n=job["n"], warmup=job["warmup"], wait_s=job.get("wait_quiet", 0.0), retries=job.get("retries", 0))
+    return res
+
+
 WORKERS = {"ort": _worker_ort, "openvino": _worker_openvino,
-           **{f"qcast-{b}": (lambda job_dir, b=b: _worker_qcast(job_dir, b)) for b in ("openvino", "onnxruntime", "auto")}}
+           **{f"qcast-{b}": (lambda job_dir, b=b: _worker_qcast(job_dir, b)) for b in ("openvino", "onnxruntime", "auto")},
+           "study-openvino": _worker_study_openvino, "study-onnxruntime": _worker_study_onnxruntime}
 
 
 def write_job(job_dir: str, model_name: str, source: str, model: torch.nn.Module, data: Dict[str, Any],

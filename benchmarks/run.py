@@ -1,7 +1,8 @@
 """Latency / size / fidelity of qcast against torch fp32 and peer int8 engines.
 
-    python benchmarks/run.py --models resnet18,resnet50,mobilenet_v2,blazeface --batch 1,8 \
+    python benchmarks/run.py --models resnet18,resnet50,mobilenet_v2,blazeface,vgg16,tsn_r50 --batch 1,8 \
         --peers fx,ort,openvino --calib 32 --out docs/benchmarks.md
+    python benchmarks/run.py --models blazeface --peers '' --study openvino,onnxruntime   # backend studies only
 
 Method (see docs/benchmarks.md for the figures):
 * every engine is calibrated on the same ``--calib`` random samples (batches of ``--calib-batch``)
@@ -18,6 +19,11 @@ Method (see docs/benchmarks.md for the figures):
 Models come from ``tests.models.ZOO`` (``ZOO[name] = (factory, example_input_fn)``), or from
 ``benchmarks/standin_models.py`` when the zoo lacks them (``--source standin`` forces that).
 ``--no-qcast`` benchmarks the peers alone (qcast not needed).
+
+``--study openvino,onnxruntime`` adds the backend studies (``benchmarks/peers.py``): qcast's lowering for an engine
+next to that engine's own int8 model (NNCF, ``quantize_static``) and their variants (static vs dynamic shapes,
+precision hints, the residual add fused into the conv or apart, the engine without qcast's wrapper), compiled and
+timed interleaved in one process, with what each compiled to (OpenVINO runtime layers, ORT int8 kernels).
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ from benchmarks import peers as peers_mod  # noqa: E402
 import torch  # noqa: E402
 
 ALL_PEERS = ("fx", "ort", "openvino", "qcast-openvino", "qcast-onnxruntime", "qcast-auto")
+STUDIES = ("openvino", "onnxruntime")
+#: every CNN of the backends issue (seeds: TSN ResNet-50 with 3 segments, torchvision VGG16, BlazeFace)
+DEFAULT_MODELS = "resnet18,resnet50,mobilenet_v2,blazeface,vgg16,tsn_r50"
 
 
 def log(msg: str) -> None:
@@ -185,7 +194,7 @@ def bench_model(name: str, args, qcast_mod, workdir: str) -> Dict[str, Any]:
             + ", ".join(f"{k} {v['median']:.2f} ms" for k, v in res["after_eval"].items()))
 
     # ---- peers in their own processes
-    sub = [p for p in args.peers if p != "fx"]
+    sub = [p for p in args.peers if p != "fx"] + [f"study-{s}" for s in args.study]
     if sub:
         job_dir = os.path.join(workdir, f"job_{name}")
         data = {"calib": calib, "eval": eval_args, "ref": ref, "bench": bench_args}
@@ -349,6 +358,55 @@ def render_backend_targets(results: List[Dict[str, Any]]) -> List[str]:
     return L
 
 
+def _layer_note(v: Dict[str, Any]) -> str:
+    """What an engine compiled, in a few words: OpenVINO's unfused eltwise subgraphs / reorders / float convs, or
+    ORT's int8 kernels."""
+    if "int8_nodes" in v:
+        return ", ".join(f"{k} {n}" for k, n in v["int8_nodes"].items()) or "no int8 kernels"
+    layers = v.get("layers")
+    if not layers:
+        return ""
+    shown = {k: n for k, n in layers.items()
+             if k.startswith(("Subgraph", "Eltwise", "Reorder")) or (k.split(":")[0] in ("Convolution", "FullyConnected")
+                                                                     and not k.endswith((":u8", ":i8")))}
+    conv = sum(n for k, n in layers.items() if k.split(":")[0] in ("Convolution", "FullyConnected"))
+    int8 = sum(n for k, n in layers.items() if k.split(":")[0] in ("Convolution", "FullyConnected") and k.endswith((":u8", ":i8")))
+    return f"conv/fc {int8}/{conv} int8" + "".join(f", {k} {n}" for k, n in shown.items())
+
+
+def render_studies(results: List[Dict[str, Any]]) -> List[str]:
+    """The backend studies (``--study``): every variant of one engine, timed interleaved in one process."""
+    L: List[str] = []
+    for study in STUDIES:
+        key = f"study-{study}"
+        rows = [r for r in results if (r["engines"].get(key) or {}).get("status") == "ok"]
+        if not rows:
+            continue
+        L.append(f"## Backend study: {study}\n")
+        L.append((_worker_doc(key) or "") + "\n")
+        batches = sorted({b for r in rows for b in r["latency"]}, key=int)
+        L.append("| model | variant | " + " | ".join(f"b{b} ms (p10)" for b in batches)
+                 + " | SQNR vs float | vs simulation | compiled |")
+        L.append("|---|---|" + "---:|" * (len(batches) + 2) + "---|")
+        for r in rows:
+            for name, v in r["engines"][key]["variants"].items():
+                cells = []
+                for b in batches:
+                    st = r["latency"].get(b, {}).get(f"{key}_{name}")
+                    cells.append("—" if st is None else f"{st['median']:.2f} ({st['p10']:.2f})"
+                                 + (" †" if st.get("foreign_load", 0) > BUSY_CORES else ""))
+                L.append(f"| {r['model']} | {name} | " + " | ".join(cells) + f" | {_fmt(v.get('sqnr'), 1)} | "
+                         f"{_fmt(v.get('sqnr_vs_sim'), 1)} | {_layer_note(v)} |")
+        L.append("")
+    return L
+
+
+def _worker_doc(key: str) -> Optional[str]:
+    fn = peers_mod.WORKERS.get(key)
+    doc = getattr(fn, "__doc__", None)
+    return " ".join(doc.split()) if doc else None
+
+
 def render_markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     present = set()
     for r in results:
@@ -446,6 +504,7 @@ def render_markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         L.append("| " + " | ".join(row) + " |")
     L.append("")
     L.extend(render_targets(results))
+    L.extend(render_studies(results))
     notes = []
     for r in results:
         for k, e in r["engines"].items():
@@ -470,11 +529,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog="benchmarks/run.py",
         description="Latency, size and fidelity of qcast vs torch fp32, PyTorch FX, ONNX Runtime, OpenVINO.",
     )
-    p.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,blazeface",
+    p.add_argument("--models", default=DEFAULT_MODELS,
                    help="comma-separated zoo names (default: %(default)s)")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes to time (default: %(default)s)")
     p.add_argument("--peers", default=",".join(ALL_PEERS),
                    help="comma-separated subset of " + ",".join(ALL_PEERS) + "; '' for none (default: all)")
+    p.add_argument("--study", default="",
+                   help="comma-separated subset of " + ",".join(STUDIES) + ": qcast's lowering for that engine next "
+                        "to the engine's own int8 model and their variants, timed interleaved in one process "
+                        "(default: none)")
     p.add_argument("--calib", type=int, default=32, help="calibration samples (default: %(default)s)")
     p.add_argument("--calib-batch", type=int, default=1, help="samples per calibration item (default: %(default)s)")
     p.add_argument("--eval-samples", type=int, default=8, help="held-out samples for SQNR (default: %(default)s)")
@@ -516,6 +579,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     bad = [x for x in args.peers if x not in ALL_PEERS]
     if bad:
         p.error(f"unknown peer(s) {bad}; choose from {','.join(ALL_PEERS)}")
+    args.study = [x.strip() for x in args.study.split(",") if x.strip()]
+    bad = [x for x in args.study if x not in STUDIES]
+    if bad:
+        p.error(f"unknown study/studies {bad}; choose from {','.join(STUDIES)}")
 
     qcast_mod = None
     if not args.no_qcast:
@@ -531,7 +598,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         python=platform.python_version(),
         peer_versions={},
     )
-    for peer in args.peers:
+    for peer in args.peers + [f"study-{x}" for x in args.study]:
         if peer == "fx":
             continue
         for pkg, v in peers_mod.peer_versions(peer).items():

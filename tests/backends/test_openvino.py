@@ -67,6 +67,35 @@ def test_explain_reads_int8_convs_back_from_openvino(name):
     assert "backend=openvino" in repr(q_ov)
 
 
+@pytest.mark.parametrize("name", CNNS)
+def test_residual_adds_run_inside_the_convs(name):
+    """Every residual add runs fused into its conv, as in NNCF's model: with snippets on, OpenVINO's CPU plugin ran the
+    add + FakeQuantize of every identity shortcut as an eltwise ``Subgraph`` of its own (u8), after a conv that wrote
+    its output in f32 (module docstring of qcast.backends.openvino)."""
+    from qcast.backends.openvino import CONV_ADD_CONFIG
+    from qcast.nn import FusedConv
+
+    model, input_fn, qdq, q_torch, q_ov = converted(name)
+    assert any(isinstance(m, FusedConv) and m.add for m in qdq.modules()), f"{name}: no conv with a fused add"
+    x = input_fn(batch=2, seed=10_001)
+    with torch.no_grad():
+        assert_sqnr(sqnr(qdq(x), q_ov(x)), SIM_THRESHOLD, f"{name}: openvino vs QDQ simulation")
+    ov_module = q_ov.graph_module
+    assert all(ov_module._settings[k] == v for k, v in CONV_ADD_CONFIG.items())
+    for compiled, _ in [*ov_module._static.values(), (ov_module.compiled, None)]:
+        layers = [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+                  for op in compiled.get_runtime_model().get_ordered_ops()]
+        assert ("Subgraph", "u8") not in layers and not any(kind == "Eltwise" for kind, _ in layers), layers
+
+
+def test_graphs_without_a_fused_add_keep_openvinos_default_snippets():
+    from qcast.backends.openvino import CONV_ADD_CONFIG, settings
+
+    _, observed = _small(None)
+    config = settings(to_qdq(observed), 2)
+    assert not set(CONV_ADD_CONFIG) & set(config) and config["INFERENCE_NUM_THREADS"] == 2
+
+
 @pytest.mark.parametrize("name", ["multitask_dict", "detector_dataclass"])
 def test_quantize_with_openvino_keeps_the_output_structure(name):
     model, input_fn = build_zoo(name)
