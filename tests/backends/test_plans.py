@@ -152,3 +152,15 @@ def test_fidelity_compares_real_tokens_only_where_the_call_has_an_attention_mask
     assert db == float("inf") and cos == pytest.approx(1.0)
     db, _ = plans.fidelity(float_model, PadNoise(), [((), {"x": x, "attention_mask": mask.float()})])
     assert db < 0.0  # a float mask is not a token mask: every position compared
+
+
+@needs_engine
+def test_a_saved_static_plan_loads_as_that_plan_with_its_decision(monkeypatch, tmp_path):
+    model, data, x = seed002_data()
+    q = quantize_with(monkeypatch, model, data, "static")
+    qcast.save(q, tmp_path / "m.qcast")
+    back = qcast.load(tmp_path / "m.qcast", backend="auto")
+    assert back.qcast_meta["config"]["activation"] == "int8"
+    assert back.qcast_meta["backend_choice"]["plans"] == q.qcast_meta["backend_choice"]["plans"]
+    with torch.no_grad():
+        assert sqnr(q(x), back(x)) >= 30.0
