@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,7 +114,9 @@ def choose_plan(model: nn.Module, calls: list[tuple[tuple, dict]], per_token, bu
     variants = {"per-token": per_token}
     rejected = {}
     try:
-        variants["static"] = build_static(calls[:-1])
+        with warnings.catch_warnings():  # the static plan's own warnings (e.g. auto keeping torch): its fidelity judges
+            warnings.simplefilter("ignore")
+            variants["static"] = build_static(calls[:-1])
     except Exception as e:  # noqa: BLE001 - a static plan that cannot be built is a rejected candidate, not a failure
         rejected["static"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     scores = {name: fidelity(float_model, q, held) for name, q in variants.items()}
