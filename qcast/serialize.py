@@ -635,9 +635,11 @@ def _lower_loaded(qdq: fx.GraphModule, meta: dict, backend: str | None, path: st
                           "(qcast.observers.register_estimator) before loading") from None
     gm, rows, name, choice = lower(qdq, config, meta.get("opaque", {}), backend or QuantConfig().backend)
     meta = {**meta, "backend": name}
-    meta.pop("backend_choice", None)
+    saved = meta.pop("backend_choice", None) or {}
     if choice is not None:
         meta["backend_choice"] = choice
+        if "plans" in saved:  # which plan quantize() kept and why: the saved QDQ graph is that plan
+            choice["plans"] = saved["plans"]
     return QuantizedModel(gm, rows, meta, qdq)
 
 
