@@ -179,8 +179,8 @@ class ActivationFakeQuant(FakeQuantizer):
     The range is observed (running min/max, then an exponential moving average) while ``observing``; the fake-quant
     is the straight-through estimator (``torch.fake_quantize_per_tensor_affine``: gradient 1 inside the range, 0
     outside). ``learnable`` (LSQ): the scale is a parameter, initialised from the range observed on the first batch,
-    and trained by LSQ's gradient (``torch._fake_quantize_learnable_per_tensor_affine``); the zero point stays
-    where the observed range put it."""
+    and trained by LSQ's gradient (``_PerTensorSTE``, values and gradients as
+    ``torch._fake_quantize_learnable_per_tensor_affine``); the zero point stays where the observed range put it."""
 
     applies_to = "activation"
     momentum = 0.01
