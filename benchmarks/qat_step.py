@@ -57,7 +57,7 @@ def _step(model, opt, x, y):
     opt.step()
 
 
-def bench(name: str, batch: int, n: int, warmup: int, observe: bool = False) -> list[dict]:
+def bench(name: str, batch: int, n: int, warmup: int, observe: bool = False, compile: bool = False) -> list[dict]:
     import copy
     model, x, classes = _model(name, batch)
     y = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(0))
@@ -72,6 +72,8 @@ def bench(name: str, batch: int, n: int, warmup: int, observe: bool = False) -> 
                                freeze_observers_after=None if observe else warmup)
         fo = torch.optim.SGD(fm.parameters(), lr=1e-4)
         qo = torch.optim.SGD([p for p in qm.parameters() if p.requires_grad], lr=1e-4)
+        if compile:  # both compiled (inductor): the warm-up rounds compile, and recompile once when observers freeze
+            fm, qm = torch.compile(fm), torch.compile(qm)
         times = {"float": [], "qat": []}
         for i in range(warmup + n):
             for key, m, o in (("float", fm, fo), ("qat", qm, qo)):
@@ -80,9 +82,10 @@ def bench(name: str, batch: int, n: int, warmup: int, observe: bool = False) -> 
                 if i >= warmup:
                     times[key].append(time.perf_counter() - t)
         f, q = statistics.median(times["float"]), statistics.median(times["qat"])
-        rows.append({"model": name, "batch": batch, "variant": label, "observing": observe, "float_ms": f * 1e3, "qat_ms": q * 1e3,
+        rows.append({"model": name, "batch": batch, "variant": label, "observing": observe, "compiled": compile,
+                     "float_ms": f * 1e3, "qat_ms": q * 1e3,
                      "ratio": q / f})
-        print(f"{name:>12} b{batch} {label:>9}: float {f * 1e3:7.2f} ms  qat {q * 1e3:7.2f} ms  ratio {q / f:.2f}x",
+        print(f"{name:>12} b{batch} {label:>9}{' compiled' if compile else ''}: float {f * 1e3:7.2f} ms  qat {q * 1e3:7.2f} ms  ratio {q / f:.2f}x",
               flush=True)
     return rows
 
@@ -95,9 +98,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--observe", action="store_true", help="keep the activation observers running every step")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both the float and the QAT model")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("QCAST_BENCH_THREADS", "2")))
-    rows = [r for name in args.models.split(",") for r in bench(name, args.batch, args.n, args.warmup, args.observe)]
+    rows = [r for name in args.models.split(",") for r in bench(name, args.batch, args.n, args.warmup, args.observe,
+                                                             args.compile)]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

@@ -167,6 +167,13 @@ class QuantConfig:
         return hash(tuple(per_layer if f.name == "per_layer" else getattr(self, f.name)
                           for f in dataclasses.fields(self)))
 
+    def __reduce__(self):
+        # copy.deepcopy and pickle (a whole QAT model saved with torch.save, or deep-copied before torch.compile)
+        # cannot take the per_layer mappingproxy: rebuild from plain dicts, which __post_init__ freezes again
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        kwargs["per_layer"] = {glob: dict(over) for glob, over in self.per_layer.items()}
+        return (_rebuild_config, (kwargs,))
+
     @staticmethod
     def _check(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
@@ -306,3 +313,7 @@ def _checked_init(init):
 
 
 QuantConfig.__init__ = _checked_init(QuantConfig.__init__)
+
+
+def _rebuild_config(kwargs: dict) -> QuantConfig:
+    return QuantConfig(**kwargs)

@@ -189,15 +189,21 @@ def _simulated(node, p: Plan, ctx: Ctx) -> str | None:
     layer = weight_layer(node, ctx)
     weight = ctx.config.weight_scheme(p.name, p.op, p.path)[0] if layer is not None else None
     weight = weight if weight is not None and weight.custom and not weight.quantizer.declares_grid() else None
-    if act is None and weight is None:
+    # an activation grid of fewer than 8 bits: the int8 kernels (and the engines' QuantizeLinear) requantize their
+    # outputs onto the full uint8 range, so nothing would clamp to it; simulated, the layer computes the declared grid
+    narrow = ctx.config.activation_scheme(p.name, p.op, p.path)
+    narrow = narrow if act is None and narrow is not None and narrow.custom and narrow.bits < 8 else None
+    if act is None and weight is None and narrow is None:
         return None
     names = " and ".join(f"{kind} quantizer {s.name!r}" for kind, s in (("activation", act), ("weight", weight)) if s)
+    why = f"{names} declare{'s' if ' and ' not in names else ''} no integer grid (FakeQuantizer.grid)" if names else (
+        f"activation quantizer {narrow.name!r} declares {narrow.bits}-bit activations, which the int8 kernels do "
+        "not clamp to (they requantize onto 8 bits)")
     if layer is None:
-        return f"{names} declares no integer grid, so it runs in float (not simulated: not a conv/linear)"
-    node.meta["qcast_simulate"] = {"activation": act, "weight": weight}
-    return (f"simulated: {names} declare{'s' if ' and ' not in names else ''} no integer grid (FakeQuantizer.grid), "
-            "so the layer runs in float with its " + " and ".join(
-                w for w, s in (("inputs", act), ("weight", weight)) if s) + " fake-quantized")
+        return f"{why}, so it runs in float (not simulated: not a conv/linear)"
+    node.meta["qcast_simulate"] = {"activation": act or narrow, "weight": weight}
+    return (f"simulated: {why}, so the layer runs in float with its " + " and ".join(
+        w for w, s in (("inputs", act or narrow), ("weight", weight)) if s) + " fake-quantized")
 
 
 def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: bool) -> str | None:

@@ -61,6 +61,8 @@ class QATLayer(nn.Module):
     def _quantized(self, w):
         y = self.wq(w)
         need_grad = self.training and torch.is_grad_enabled() and w.requires_grad
+        if torch.compiler.is_compiling():  # checked eagerly by prepare_qat (a check is a graph break and a sync)
+            return y
         if not self.checked or (need_grad and not self.grad_checked):
             check_output(self.wq, w, y, f"{self.name} (weight)", need_grad=need_grad)
             self.checked, self.grad_checked = True, self.grad_checked or need_grad
@@ -116,15 +118,21 @@ class QATModel(ObservedModel):
 
     def forward(self, *args, **kwargs):
         if self.training:
-            if self._step is None:
-                self._step = int(self.qcast_step)
-            self._step += 1
-            self.qcast_step.fill_(self._step)
-            if self.freeze_bn_after is not None and self._step > self.freeze_bn_after:
-                self.freeze_bn()
-            if self.freeze_observers_after is not None and self._step > self.freeze_observers_after:
-                self.freeze_observers()
+            self._count_step()
         return self.gm(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _count_step(self) -> None:
+        """The step count and the freezes it triggers, in Python (no device sync) and outside ``torch.compile``:
+        compiled, each new count would be a recompile (an int attribute is a guard); the freezes recompile once."""
+        if self._step is None:
+            self._step = int(self.qcast_step)
+        self._step += 1
+        self.qcast_step.fill_(self._step)
+        if self.freeze_bn_after is not None and self._step > self.freeze_bn_after:
+            self.freeze_bn()
+        if self.freeze_observers_after is not None and self._step > self.freeze_observers_after:
+            self.freeze_observers()
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -235,7 +243,21 @@ def prepare_qat(model: nn.Module, example_inputs: Any, config=None, *, learnable
         qat(*args, **kwargs)
     for p in points:
         p.active = True
+    _check_training_step(qat, example)
     return qat.to(device).train()
+
+
+def _check_training_step(qat: QATModel, example: Any) -> None:
+    """One training-mode forward on the example, for the quantizer checks (shape, dtype, finiteness, a gradient
+    path: ``check_output``) to run eagerly here rather than inside a ``torch.compile``d step, where they would break
+    the graph; every buffer and step count is restored after it (BatchNorm statistics, observed ranges)."""
+    from .data import as_call
+    state = {k: v.detach().clone() for k, v in qat.state_dict().items()}
+    args, kwargs = as_call(example, "example_inputs")
+    qat.train()
+    with torch.enable_grad():
+        qat(*args, **kwargs)
+    qat.load_state_dict(state)
 
 
 def _trainable_points(gm: fx.GraphModule, learnable: bool) -> None:

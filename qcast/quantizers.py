@@ -141,7 +141,7 @@ def _reaches(x: torch.Tensor, y: torch.Tensor) -> bool:
 # the built-in trainable quantizers (QAT)
 # ------------------------------------------------------------------------------------------------
 class _PerTensorSTE(torch.autograd.Function):
-    """Per-tensor fake quantization with the straight-through estimator (gradient 1 inside the grid, 0 outside) and,
+    """Per-tensor (or, with a ``(rows, 1)`` scale, per-row) fake quantization with the straight-through estimator (gradient 1 inside the grid, 0 outside) and,
     when ``scale`` needs a gradient, LSQ's for the scale (Esser et al. 2020: ``round(x/s) - x/s`` inside, the
     clipped end ``qmin - zp`` / ``qmax - zp`` outside, times ``grad_factor``).
 
@@ -168,7 +168,8 @@ class _PerTensorSTE(torch.autograd.Function):
         gs = None
         if ctx.needs_input_grad[1]:
             # y / s = clamp(q) - zp: inside, minus x / s gives round(x/s) - x/s; outside it is the clipped end itself
-            gs = (gx.mul(x).neg_().add_(grad * y)).sum().reshape(inv.shape) * (inv * ctx.grad_factor)
+            # (summed to the scale's shape: one per tensor, or one per row of a weight; ``inv`` is constant there)
+            gs = (gx.mul(x).neg_().add_(grad * y)).sum_to_size(inv.shape) * (inv * ctx.grad_factor)
         return gx, gs, None, None, None, None
 
 
@@ -178,8 +179,8 @@ class ActivationFakeQuant(FakeQuantizer):
     The range is observed (running min/max, then an exponential moving average) while ``observing``; the fake-quant
     is the straight-through estimator (``torch.fake_quantize_per_tensor_affine``: gradient 1 inside the range, 0
     outside). ``learnable`` (LSQ): the scale is a parameter, initialised from the range observed on the first batch,
-    and trained by LSQ's gradient (``torch._fake_quantize_learnable_per_tensor_affine``); the zero point stays
-    where the observed range put it."""
+    and trained by LSQ's gradient (``_PerTensorSTE``, values and gradients as
+    ``torch._fake_quantize_learnable_per_tensor_affine``); the zero point stays where the observed range put it."""
 
     applies_to = "activation"
     momentum = 0.01
@@ -200,6 +201,17 @@ class ActivationFakeQuant(FakeQuantizer):
         """Update the range and (unless learned) the scale and zero point, in tensor ops only: no device sync, which
         would cost a training step more than the fake-quant itself on a small model."""
         lo, hi = torch.aminmax(x.detach().float())
+        if torch.compiler.is_compiling():
+            # the count stays in the buffer (a Python int would be a recompile per step); the first batch selected
+            # in tensor ops (prepare_qat has observed one already, so LSQ's scale is initialised)
+            first, m = self.seen == 0, self.momentum
+            self.min_val.copy_(torch.where(first, lo, self.min_val * (1 - m) + m * lo))
+            self.max_val.copy_(torch.where(first, hi, self.max_val * (1 - m) + m * hi))
+            if not self.learnable:
+                self._set_params()
+            self.seen += 1
+            self._seen = None
+            return
         first = self._seen == 0 if self._seen is not None else int(self.seen) == 0
         if first:
             self.min_val.copy_(lo), self.max_val.copy_(hi)
@@ -236,14 +248,11 @@ class ActivationFakeQuant(FakeQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        if torch.is_grad_enabled() and xf.requires_grad:  # training: the fused STE / LSQ below
+        if self.learnable or (torch.is_grad_enabled() and xf.requires_grad):  # training: the fused STE / LSQ below
+            # (also LSQ's inference: ATen's learnable fake-quant has no fake-tensor kernel, a torch.compile break)
             scale = self.scale.abs().clamp_min(1e-8) if self.learnable else self.scale
             grad = 1.0 / math.sqrt(max(x.numel(), 1) * self.qmax)
             return _PerTensorSTE.apply(xf, scale, self.zero_point, self.qmin, self.qmax, grad).to(x.dtype)
-        if self.learnable:
-            grad = 1.0 / math.sqrt(max(x.numel(), 1) * self.qmax)
-            y = torch._fake_quantize_learnable_per_tensor_affine(xf, self.scale.abs().clamp_min(1e-8),
-                                                                 self.zero_point, self.qmin, self.qmax, grad)
         else:
             y = torch.fake_quantize_per_tensor_affine(xf, self.scale, self.zero_point.to(torch.int32), self.qmin,
                                                       self.qmax)
@@ -287,10 +296,10 @@ class WeightFakeQuant(FakeQuantizer):
             if self.scale.numel() == 0:
                 with torch.no_grad():
                     self.scale = nn.Parameter(self._scales(rows))
-            zp = torch.zeros_like(self.scale)
+            # the fused STE / LSQ (one scale per row): ATen's learnable per-channel backward has no inductor lowering
             grad = 1.0 / math.sqrt(rows.shape[1] * self.qmax)
-            y = torch._fake_quantize_learnable_per_channel_affine(rows, self.scale.abs().clamp_min(1e-12), zp, 0,
-                                                                  -self.qmax, self.qmax, grad)
+            y = _PerTensorSTE.apply(rows, self.scale.abs().clamp_min(1e-12).unsqueeze(1), 0.0, -self.qmax, self.qmax,
+                                    grad)
         else:
             scale = self._scales(rows)
             y = torch.fake_quantize_per_channel_affine(rows, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
@@ -347,10 +356,13 @@ class QuantizerPoint(Observer):
             return x
         if self.observing and (self.training or not self.active):
             self.fq.observe(x)
-            self.batches += 1
+            if not torch.compiler.is_compiling():  # an int attribute: a recompile per count (prepare_qat counted)
+                self.batches += 1
         if not self.active:
             return x
         y = self.fq(x)
+        if torch.compiler.is_compiling():  # checked eagerly by prepare_qat / calibration (a graph break, a sync)
+            return y
         need_grad = self.training and torch.is_grad_enabled() and x.requires_grad
         if self.checked < self.CHECKED_CALLS or (need_grad and not self.grad_checked):
             check_output(self.fq, x, y, self.name, need_grad=need_grad)

@@ -207,6 +207,46 @@ def test_a_quantizer_without_a_grid_is_simulated_and_explain_says_so():
         assert torch.isfinite(q(x)).all()
 
 
+@qcast.register_quantizer("test_uint4_act")
+class Uint4Activations(qcast.FakeQuantizer):
+    """Unsigned 4-bit activations on the observed range: declares a 4-bit grid the int8 kernels would not clamp to."""
+
+    applies_to = "activation"
+    bits = 4
+
+    def _params(self):
+        lo, hi = float(self.min_val.clamp(max=0)), float(self.max_val.clamp(min=0))
+        scale = max(hi - lo, 1e-8) / 15
+        return scale, int(round(-lo / scale))
+
+    def forward(self, x):
+        if not self.max_val >= self.min_val:
+            return x
+        s, zp = self._params()
+        q = (torch.clamp(torch.round(x / s) + zp, 0, 15) - zp) * s
+        return x + (q - x).detach()
+
+    def grid(self, x=None):
+        s, zp = self._params()
+        return qcast.Grid(4, s, zp, signed=False)
+
+
+def test_a_narrow_activation_grid_is_simulated_not_left_unclamped_by_the_int8_kernels():
+    model, q = _quantize(QuantConfig(per_layer={"conv2": {"activation": "test_uint4_act"}}))
+    row = next(r for r in qcast.explain(q) if r.name == "conv2")
+    assert row.precision == "float" and "simulated" in row.reason and "4-bit activations" in row.reason, row
+    assert "'test_uint4_act'" in row.reason
+    x = _data(1, seed=9)[0]
+    _agrees_with_simulation(q, x)
+    # conv2 reads its input on the 4-bit grid: at most 16 levels, as declared
+    seen = {}
+    handle = q.qcast_qdq.get_submodule("conv2").register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    with torch.no_grad():
+        q.qcast_qdq(x)
+    handle.remove()
+    assert len(torch.unique(seen["x"])) <= 16
+
+
 def test_quantizer_errors_name_the_quantizer_and_the_layer():
     with pytest.raises(ConfigError, match="decorates a subclass of qcast.FakeQuantizer"):
         qcast.register_quantizer("bad")(nn.Identity)
