@@ -164,3 +164,20 @@ def test_sizes_stay_symbolic_when_traced():
     traced = torch.jit.trace(gm, (torch.zeros(2, 5),))
     x = torch.randn(3, 7)
     assert torch.equal(traced(x), x + torch.arange(7).expand(3, 7))
+
+
+def test_auto_takes_the_engines_for_per_token_linears_too():
+    """The default config's per-token linears: the simulation keeps them float and every executor quantizes them, so
+    the agreement floor is the torch backend's own agreement less a margin (auto.agreement_floor); the engines pass it
+    and the kept model stays faithful to float."""
+    tokenizer, model, observed, _ = calibrated("auto")
+    qmodel = qcast.convert(observed, backend="auto")
+    tried = {c["backend"]: c for c in qmodel.qcast_meta["backend_choice"]["candidates"]}
+    floor = tried["torch"]["sqnr_vs_sim"] - 3.0
+    for name in ("openvino", "onnxruntime"):
+        if importlib.util.find_spec(name) is not None:
+            assert tried[name]["rejected"] == "" and tried[name]["sqnr_vs_sim"] >= min(20.0, floor), tried[name]
+    batch = _batch(tokenizer, 2, 20)
+    with torch.no_grad():
+        emb_ref, emb = minilm.embed(model, batch), minilm.embed(qmodel, batch)
+    assert float((emb_ref * emb).sum(-1).min()) >= 0.997
