@@ -67,7 +67,7 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
         qmodel = accuracy_aware(model, [first, *calls], config, backend, eval_fn, max_drop, progress)
     else:
         from .backends import plans
-        if plans.applies(config, backend):  # static variant not wanted or not possible: the plan as configured
+        if plans.skip_reason(config, backend):  # static variant not wanted or not possible: the plan as configured
             qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total)
         else:  # backend="auto", default activations: also try the static-linear plan (qcast.backends.plans)
             held = [first, *calls]

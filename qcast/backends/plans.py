@@ -47,8 +47,9 @@ class PlanVariant:
                 "cosine_vs_float": self.cosine_vs_float, "rejected": self.rejected}
 
 
-def applies(config, backend: str) -> str:
-    """``""`` when a static variant is worth building for this request, else why not (cheap: no model run)."""
+def skip_reason(config, backend: str) -> str:
+    """Why no static variant is built for this request (cheap: no model run), or ``""`` when it is worth building.
+    When it is, ``quantize`` keeps the calibration batches in memory (a list) to calibrate the second plan on them."""
     if backend != "auto":
         return f"backend={backend!r}, not 'auto'"
     if config.activation != "auto" or any("activation" in over for over in config.per_layer.values()):

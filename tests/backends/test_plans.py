@@ -88,9 +88,9 @@ def test_the_static_plan_is_not_tried_where_the_user_chose_activations_or_a_back
     monkeypatch.setattr(plans, "choose_plan", lambda *a, **k: calls.append(a) or a[2])
     model, data, _ = seed002_data()
     config = qcast.QuantConfig()
-    assert plans.applies(config.replace(activation="int8"), "auto") == "the config sets activation: the user's plan is kept"
-    assert plans.applies(config, "torch") == "backend='torch', not 'auto'"
-    assert "activation" in plans.applies(config.replace(per_layer={"*.qkv": {"activation": "int8"}}), "auto")
+    assert plans.skip_reason(config.replace(activation="int8"), "auto") == "the config sets activation: the user's plan is kept"
+    assert plans.skip_reason(config, "torch") == "backend='torch', not 'auto'"
+    assert "activation" in plans.skip_reason(config.replace(per_layer={"*.qkv": {"activation": "int8"}}), "auto")
     qcast.quantize(model, data, backend="torch", progress=False, check_speed=False)
     qcast.quantize(model, data, config=qcast.QuantConfig(activation="int8"), backend="auto", progress=False,
                    check_speed=False)
