@@ -253,14 +253,10 @@ class QConv(PackedKernelModule):
 class ConvKernel(KernelImpl):
     @staticmethod
     def check(node: fx.Node, ctx) -> str | None:
-        if node.op != "call_module":
-            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if node.op != "call_module":  # passes/functional_layers.py made a layer of every one it could
             fn = f"F.{ctx.op(node)}"
-            if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                return (f"{fn} with the weight '{weight.target}' (a parameter or buffer of the model) has no int8 kernel "
-                        f"yet: written as an nn.{'Linear' if ctx.op(node) == 'linear' else 'Conv' + ctx.op(node)[4:]} "
-                        "module it would run int8 (functional layers are on the roadmap)")
-            return f"{fn} with a weight computed at run time (an activation, not a parameter) runs in float"
+            why = node.meta.get("qcast_functional") or "its weight is not a parameter or buffer of the model"
+            return f"{fn}: {why}"
         conv, act, add = _split(ctx.module(node))
         if isinstance(conv, (nn.Conv1d, nn.Conv2d)) and conv.padding_mode != "zeros":
             return f"padding_mode={conv.padding_mode!r} has no int8 kernel (only 'zeros')"
