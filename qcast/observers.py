@@ -444,7 +444,7 @@ def bias_shift(layer: nn.Module, w: torch.Tensor, w_q: torch.Tensor, stats: Chan
     mean = stats.mean
     if isinstance(layer, nn.Linear):
         return dw @ mean
-    conv = torch.nn.functional.conv2d if isinstance(layer, nn.Conv2d) else torch.nn.functional.conv1d
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[dw.dim()]
     img = mean.view(1, -1, *([1] * len(stats.spatial))).expand(1, mean.numel(), *stats.spatial)
     out = conv(img, dw, None, layer.stride, layer.padding, layer.dilation, layer.groups)
     return out.mean(dim=[0] + list(range(2, out.dim())))

@@ -177,7 +177,7 @@ def weight_layer(node, ctx: Ctx):
     from .nn import FusedConv
     mod = ctx.modules.get(node.target) if node.op == "call_module" else None
     mod = mod.conv if isinstance(mod, FusedConv) else mod
-    return mod if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) else None
+    return mod if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) else None
 
 
 def _simulated(node, p: Plan, ctx: Ctx) -> str | None:

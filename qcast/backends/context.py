@@ -61,7 +61,7 @@ def int8_layers(gm: fx.GraphModule) -> dict[str, nn.Module]:
         if is_int8(node) and node.op == "call_module":
             mod = gm.get_submodule(node.target)
             conv = mod.conv if isinstance(mod, FusedConv) else mod
-            if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 out[node.target] = conv
     return out
 

@@ -1,6 +1,6 @@
 """Fold BatchNorm into the conv/linear before it.
 
-Pattern (forward order): ``conv1d|conv2d|linear -> batch_norm``, when the conv's output feeds only the BN
+Pattern (forward order): ``conv1d|conv2d|conv3d|linear -> batch_norm``, when the conv's output feeds only the BN
 and the conv module is called at one place. A BN that cannot be folded stays in the graph with the reason in
 ``node.meta["qcast_unfolded"]``: it then runs as its own int8 op where a kernel takes it (``kernels/norm.py``),
 else in float, and ``explain()`` says why either way.
@@ -13,7 +13,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ._util import call_sites, finish, only_user, set_module
 
-PATTERNS = [((nn.Conv1d, nn.Conv2d), (nn.BatchNorm1d, nn.BatchNorm2d)), ((nn.Linear,), (nn.BatchNorm1d,))]
+PATTERNS = [((nn.Conv1d, nn.Conv2d), (nn.BatchNorm1d, nn.BatchNorm2d)), ((nn.Conv3d,), (nn.BatchNorm3d,)),
+            ((nn.Linear,), (nn.BatchNorm1d,))]
 
 
 def fold_bn(gm: fx.GraphModule, keep: bool = False) -> fx.GraphModule:

@@ -171,9 +171,11 @@ def functional_layers(gm: fx.GraphModule) -> int:
             node.meta["qcast_op"] = "linear"
         done += 1
     if done:
-        for n in list(gm.graph.nodes):  # weights read only by the calls rewritten
+        for n in list(gm.graph.nodes):  # weights read only by the calls rewritten: they now live in the layers
             if n.op == "get_attr" and not n.users:
                 gm.graph.erase_node(n)
+                if not any(m.op == "get_attr" and m.target == n.target for m in gm.graph.nodes):
+                    _drop_attr(gm, n.target)  # one name per tensor (exports name a weight by its first name)
         finish(gm)
     return done
 
@@ -184,3 +186,12 @@ def _exists(gm: fx.GraphModule, target: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def _drop_attr(gm: fx.GraphModule, target: str) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if name in owner._parameters:
+        del owner._parameters[name]
+    elif name in owner._buffers:
+        del owner._buffers[name]

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ...capture import WEIGHTED_OPS
 from ...quantized import OpInfo
 from .. import dynamic_linears, register_backend
 from ..openvino import run_time_ops, run_time_row
@@ -189,7 +190,7 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
                               "tensor): it runs as a float MatMul; backend='openvino' or 'torch' run it int8, or "
                               "QuantConfig(activation='int8') makes it static int8 here"))
             continue
-        if r.op not in ("conv1d", "conv2d", "linear") or kind is None:
+        if r.op not in WEIGHTED_OPS or kind is None:
             out.append(OpInfo(r.name, r.op, r.precision, "onnxruntime" if r.precision == "int8" else "onnxruntime-float",
                               r.reason))
         elif kind in FUSED_WEIGHTED or r.precision != "int8":

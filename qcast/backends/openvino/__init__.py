@@ -44,6 +44,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ...capture import WEIGHTED_OPS
 from ...quantized import OpInfo
 from .. import check_traceable, dynamic_linears, register_backend
 from ..regions import unconverted
@@ -247,7 +248,7 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
             continue
         target = lowered.names.get(r.name)
         found = (by_path.get(target, set()) | by_path.get(f"{target}.conv", set())) if target else set()
-        if r.op in ("conv1d", "conv2d", "linear"):
+        if r.op in WEIGHTED_OPS:
             found = {layer for layer in found if layer[0] in WEIGHTED_LAYERS}
         precisions = sorted({p for _, p in found})
         compiled = by_aten.get(r.op, set()) if target is None and r.precision == "int8" else set()
