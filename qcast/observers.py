@@ -488,3 +488,16 @@ def quantize_weight(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
 
 def fake_quant_weight(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
     return quantize_weight(w, qmax).dequantize()
+
+
+def tensor_grid(w: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, float]:
+    """``(int8 weight, scale)`` per tensor, symmetric, ``scale = max|w| / qmax`` (transposed convs: no int8 engine
+    takes per-channel weights for them). A weight already on that grid comes back exactly."""
+    amax = float(w.detach().abs().max())
+    scale = amax / qmax if amax > 0 else 1.0
+    return torch.round(w.detach().float() / scale).clamp_(-qmax, qmax).to(torch.int8), scale
+
+
+def fake_quant_tensor(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    wq, scale = tensor_grid(w, qmax)
+    return wq.float() * scale

@@ -64,7 +64,8 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
             if p.kind == "compute" and hasattr(p.kernel.impl, "reduce_range"):
                 reduced = p.kernel.impl.reduce_range(p.engine)
                 p.input_qmax = 127 if reduced else 255
-                p.reason = "per-channel s8 weights, u8 activations" + (" (7-bit, reduce_range)" if reduced else "")
+                p.reason = (getattr(p.kernel.impl, "weights", "per-channel s8 weights") + ", u8 activations"
+                            + (" (7-bit, reduce_range)" if reduced else ""))
                 if fused or node.meta.get("qcast_folded"):
                     p.reason += "; fused " + "+".join(["bn"] * bool(node.meta.get("qcast_folded")) + list(fused))
                 if node.meta.get("qcast_engine_note"):

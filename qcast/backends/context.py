@@ -66,6 +66,13 @@ def int8_layers(gm: fx.GraphModule) -> dict[str, nn.Module]:
     return out
 
 
+def transposed_layers(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """Module path -> nn.ConvTranspose1d/2d of every int8 transposed conv in ``gm`` (per-tensor int8 weights:
+    ``kernels/conv_transpose.py``)."""
+    return {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if is_int8(n) and n.op == "call_module"
+            and isinstance(gm.get_submodule(n.target), (nn.ConvTranspose1d, nn.ConvTranspose2d))}
+
+
 def dynamic_linears(gm: fx.GraphModule) -> dict[str, nn.Linear]:
     """Module path -> nn.Linear of every per-token dynamic linear (``linear:dynamic`` plan) in ``gm``. In the QDQ graph
     such a linear is float in, float out, with its float weight: each backend decides how it runs it int8 (torch:

@@ -27,10 +27,10 @@ from ..structure import flat_inputs, shape_error, unflatten
 from .export import export_qdq_onnx, to_onnx
 
 #: ORT's int8 kernels that carry a conv/linear's weights (contrib ops of its QDQ fusions on CPU)
-FUSED_WEIGHTED = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
+FUSED_WEIGHTED = ("QLinearConv", "QLinearConvTranspose", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
                   "DynamicQuantizeMatMul", "QAttention")
 #: float ORT ops a conv/linear ends up in when its pattern did not fuse
-FLOAT_WEIGHTED = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "NchwcConv")
+FLOAT_WEIGHTED = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "NchwcConv", "ConvTranspose")
 #: suffix of an int8 weight initializer (``canonical``): ``<module path>.weight_int8``
 WEIGHT = ".weight_int8"
 #: suffix of its scale initializer: what is left to find a linear by once ORT folded the transpose of its weight into

@@ -78,6 +78,19 @@ class WeightGrid(nn.Module):
         return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, 0, -128, 127)
 
 
+class TensorGrid(nn.Module):
+    """Parametrization: ``w`` -> ``fake_quantize_per_tensor_affine(w)`` on a transposed conv's per-tensor int8 grid
+    (``max|w| / 127``, zero point 0); ``w`` is already on it."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        from ...observers import tensor_grid
+        self.scale = tensor_grid(w)[1]
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(w, self.scale, 0, -128, 127)
+
+
 class CompressedWeight(nn.Module):
     """Parametrization: the weight as ``int8 constant * per-channel scale`` (the grid of the torch backend's per-token
     kernel, ``QLinearDynamic.from_float``: ``max|w| / 127``). OpenVINO keeps the int8 constant and compiles the
@@ -99,7 +112,7 @@ class CompressedWeight(nn.Module):
 def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
     """A copy of the QDQ graph whose int8 conv/linear weights are fake-quantized per channel when read, and whose
     per-token dynamic linears read an int8 constant (``CompressedWeight``)."""
-    from ..context import int8_layers
+    from ..context import int8_layers, transposed_layers
     from ...observers import weight_scales
 
     gm = copy.deepcopy(qdq)
@@ -107,6 +120,8 @@ def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
         # qcast_weight_qmax < 127 for weight_bits < 8: the grid's step is max|w| / qmax, its ints fit [-128, 127]
         scale = weight_scales(conv.weight, conv.qcast_weight_qmax)
         parametrize.register_parametrization(conv, "weight", WeightGrid(scale), unsafe=True)
+    for conv in transposed_layers(gm).values():  # per-tensor weights (kernels/conv_transpose.py)
+        parametrize.register_parametrization(conv, "weight", TensorGrid(conv.weight), unsafe=True)
     for linear in dynamic_linears(gm).values():
         parametrize.register_parametrization(linear, "weight", CompressedWeight(linear.weight), unsafe=True)
     return gm
