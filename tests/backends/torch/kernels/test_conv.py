@@ -287,3 +287,25 @@ def test_an_engine_that_computes_a_layer_wrong_is_not_used_for_it(monkeypatch):
     assert convs and all(row.precision == "int8" and row.engine != "onednn" for row in convs), convs
     assert all("not on onednn" in row.reason and "computes this layer wrong" in row.reason for row in convs), convs
     assert_sqnr(r.sqnr, 25.0, "conv on the engine that computes it right")
+
+
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_conv3d_runs_int8_on_its_engine_against_exact_int8_arithmetic(act):
+    """Conv3d: quantized::conv3d (requantized) and oneDNN's qconv_pointwise (fp32 output; its conv3d takes no post-op,
+    so relu is applied after it) against the same int8 values computed in float."""
+    from qcast.backends.torch.kernels.conv import ConvKernel, QConv
+    from qcast.nn import FusedConv
+    from qcast.observers import fake_quant_weight
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 6, 3, padding=1, stride=(1, 2, 2)).eval()
+    mod = FusedConv(conv, act=act) if act else conv
+    x = torch.quantize_per_tensor(torch.rand(1, 4, 3, 8, 8) * 2 - 1, 2 / 255, 128, torch.quint8)
+    ref = torch.nn.functional.conv3d(x.dequantize(), fake_quant_weight(conv.weight), conv.bias, conv.stride, conv.padding)
+    ref = (ref.relu() if act else ref).detach()
+    for engine in ("onednn", "x86", "fbgemm"):
+        if engine not in torch.backends.quantized.supported_engines:
+            continue
+        ConvKernel._try(mod, (1, 4, 3, 8, 8), engine)  # the probe passes on every x86 engine
+        fp32 = QConv.from_float(mod, None, None, engine)(x)
+        assert float(10 * torch.log10(ref.pow(2).mean() / (ref - fp32).pow(2).mean())) > 100, engine
