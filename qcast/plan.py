@@ -68,6 +68,8 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
                             + (" (7-bit, reduce_range)" if reduced else ""))
                 if fused or node.meta.get("qcast_folded"):
                     p.reason += "; fused " + "+".join(["bn"] * bool(node.meta.get("qcast_folded")) + list(fused))
+                if node.meta.get("qcast_functional_from"):  # passes/functional_layers.py
+                    p.reason += f"; written as {node.meta['qcast_functional_from']}, run as the layer"
                 if node.meta.get("qcast_engine_note"):
                     p.reason += "; " + node.meta["qcast_engine_note"]
                 note = scheme_note(node, p, ctx)

@@ -4,6 +4,8 @@ Patterns (``weight`` a ``get_attr`` node: a parameter or buffer of the model, or
 one, such as ``self.w.t()``):
 
 * ``F.conv1d|conv2d|conv3d(x, weight[, bias], stride, padding, dilation, groups)``      -> ``nn.Conv1d|2d|3d``
+* ``F.conv_transpose1d|2d(x, weight[, bias], stride, padding, output_padding, groups, dilation)``
+                                                                                       -> ``nn.ConvTranspose1d|2d``
 * ``F.linear(x, weight[, bias])``                                                      -> ``nn.Linear``
 * ``torch.matmul(x, weight)``, ``x @ weight``, ``x.matmul(weight)`` with a 2-D weight  -> ``nn.Linear`` (weight
   ``weight.t()``, no bias); ``x @ self.w.t()`` reaches here as ``x @ const`` once ``fold_constants`` has run
@@ -28,9 +30,12 @@ import torch.nn.functional as F
 from ..capture import attr_at
 from ._util import finish
 
-CONVS = {F.conv1d: (nn.Conv1d, 1), F.conv2d: (nn.Conv2d, 2), F.conv3d: (nn.Conv3d, 3)}
+CONVS = {F.conv1d: (nn.Conv1d, 1), F.conv2d: (nn.Conv2d, 2), F.conv3d: (nn.Conv3d, 3),
+         F.conv_transpose1d: (nn.ConvTranspose1d, 1), F.conv_transpose2d: (nn.ConvTranspose2d, 2)}
+TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d)
 MATMULS = (torch.matmul, operator.matmul)
 CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 LINEAR_ARGS = ("input", "weight", "bias")
 
 
@@ -103,7 +108,13 @@ def _padding(padding, w: torch.Tensor, dilation, dims: int):
 
 
 def _layer(node: fx.Node, kind: str, bound: dict, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
-    if kind == "conv":
+    if kind == "conv" and node.target in TRANSPOSED:
+        cls, _ = CONVS[node.target]
+        groups = int(bound.get("groups", 1))
+        layer = cls(w.shape[0], w.shape[1] * groups, tuple(w.shape[2:]), stride=bound.get("stride", 1),
+                    padding=bound.get("padding", 0), output_padding=bound.get("output_padding", 0), groups=groups,
+                    bias=b is not None, dilation=bound.get("dilation", 1))
+    elif kind == "conv":
         cls, dims = CONVS[node.target]
         groups = int(bound.get("groups", 1))
         stride, dilation = bound.get("stride", 1), bound.get("dilation", 1)
@@ -135,7 +146,8 @@ def functional_layers(gm: fx.GraphModule) -> int:
             if _constant(gm, bound.get("weight")) is None or _constant(gm, bound.get("input")) is not None:
                 continue  # activation @ activation (the matmul kernel's), or parameter @ activation
         else:
-            bound = _bind(node, CONV_ARGS if kind == "conv" else LINEAR_ARGS)
+            bound = _bind(node, (CONV_T_ARGS if node.target in TRANSPOSED else CONV_ARGS) if kind == "conv"
+                          else LINEAR_ARGS)
         reason = _why_not(gm, node, kind, bound)
         weight_node, bias_node = bound.get("weight"), bound.get("bias")
         w, b = _constant(gm, weight_node), _constant(gm, bias_node)

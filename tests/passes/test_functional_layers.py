@@ -107,3 +107,21 @@ def test_a_functional_model_saves_and_loads_bit_for_bit(tmp_path):
     qcast.save(r.qmodel, tmp_path / "m.qcast")
     with torch.no_grad():
         assert torch.equal(qcast.load(tmp_path / "m.qcast", backend="torch")(r.x), r.out)
+
+
+def test_functional_transposed_conv_runs_int8():
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 4, 4, 4) * 0.2)
+            self.b = nn.Parameter(torch.randn(4) * 0.1)
+
+        def forward(self, x):
+            return F.conv_transpose2d(torch.relu(x), self.w, self.b, stride=2, padding=1)
+
+    torch.manual_seed(0)
+    r = quantize_small(Up(), (2, 8, 6, 6), batches=8)
+    row = next(row for row in r.rows if row.op == "conv_transpose2d")
+    assert row.name == "conv_transpose2d" and row.precision == "int8", row
+    assert "written as F.conv_transpose2d" in row.reason and "per-tensor" in row.reason, row
+    assert_sqnr(leaf_sqnrs(r.ref, r.out)[0], 35.0, "F.conv_transpose2d")

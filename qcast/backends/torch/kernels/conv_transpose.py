@@ -108,7 +108,8 @@ class ConvTransposeKernel(KernelImpl):
     @staticmethod
     def check(node: fx.Node, ctx) -> str | None:
         if node.op != "call_module":
-            return f"F.{ctx.op(node)} has no int8 kernel (written as an nn.ConvTranspose module it runs int8)"
+            why = node.meta.get("qcast_functional") or "its weight is not a parameter or buffer of the model"
+            return f"F.{ctx.op(node)}: {why}"  # passes/functional_layers.py made a layer of every one it could
         mod = ctx.module(node)
         if mod.padding_mode != "zeros":
             return f"padding_mode={mod.padding_mode!r} has no int8 kernel (only 'zeros')"
