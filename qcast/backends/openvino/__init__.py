@@ -252,10 +252,13 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
                 by_aten.setdefault(op, set()).add(layer)
     by_path: dict[str, set[tuple[str, str]]] = {}
     paths = getattr(lowered, "paths", {})
+    unnamed: set[tuple[str, str]] = set()  # weighted runtime layers no original name maps to a module (model outputs)
     for name, layer in lowered.layers.items():
         path = _onnx_path(name, paths) or _module_path(name)
         if path is not None:
             by_path.setdefault(path, set()).add(layer)
+        elif layer[0] in WEIGHTED_LAYERS:
+            unnamed.add(layer)
     out = []
     for r in rows:
         if r.name in lowered.run_time and lowered.names.get(r.name) not in lowered.dynamic:  # dynamic: run int8 below
@@ -272,6 +275,14 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
             out.append(OpInfo(r.name, r.op, "float", f"openvino:{kinds}",
                               f"planned int8 ({r.reason}), but OpenVINO compiled every {r.op} of this model into "
                               f"{kinds} in f32: its FakeQuantize points only round the values"))
+        elif not precisions and r.op in WEIGHTED_OPS and r.precision == "int8" and any(
+                p not in ("u8", "i8") for _, p in unnamed):
+            # OpenVINO renamed the layer (e.g. after the model output it writes) and some such unnamed layer runs in
+            # float: do not claim int8 for what cannot be read back
+            kinds = "/".join(sorted({f"{k} {p}" for k, p in unnamed}))
+            out.append(OpInfo(r.name, r.op, "float", "openvino:unnamed",
+                              f"planned int8 ({r.reason}), but OpenVINO's runtime model does not name this layer and "
+                              f"its unnamed weighted layers run as {kinds}: reported float"))
         elif not precisions:
             out.append(OpInfo(r.name, r.op, r.precision, "openvino" if r.precision == "int8" else "openvino-float",
                               r.reason))
