@@ -44,6 +44,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ...capture import WEIGHTED_OPS
 from ...quantized import OpInfo
 from .. import check_traceable, dynamic_linears, register_backend
 from ..regions import unconverted
@@ -77,6 +78,19 @@ class WeightGrid(nn.Module):
         return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, 0, -128, 127)
 
 
+class TensorGrid(nn.Module):
+    """Parametrization: ``w`` -> ``fake_quantize_per_tensor_affine(w)`` on a transposed conv's per-tensor int8 grid
+    (``max|w| / 127``, zero point 0); ``w`` is already on it."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        from ...observers import tensor_grid
+        self.scale = tensor_grid(w)[1]
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(w, self.scale, 0, -128, 127)
+
+
 class CompressedWeight(nn.Module):
     """Parametrization: the weight as ``int8 constant * per-channel scale`` (the grid of the torch backend's per-token
     kernel, ``QLinearDynamic.from_float``: ``max|w| / 127``). OpenVINO keeps the int8 constant and compiles the
@@ -98,7 +112,7 @@ class CompressedWeight(nn.Module):
 def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
     """A copy of the QDQ graph whose int8 conv/linear weights are fake-quantized per channel when read, and whose
     per-token dynamic linears read an int8 constant (``CompressedWeight``)."""
-    from ..context import int8_layers
+    from ..context import int8_layers, transposed_layers
     from ...observers import weight_scales
 
     gm = copy.deepcopy(qdq)
@@ -106,6 +120,8 @@ def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
         # qcast_weight_qmax < 127 for weight_bits < 8: the grid's step is max|w| / qmax, its ints fit [-128, 127]
         scale = weight_scales(conv.weight, conv.qcast_weight_qmax)
         parametrize.register_parametrization(conv, "weight", WeightGrid(scale), unsafe=True)
+    for conv in transposed_layers(gm).values():  # per-tensor weights (kernels/conv_transpose.py)
+        parametrize.register_parametrization(conv, "weight", TensorGrid(conv.weight), unsafe=True)
     for linear in dynamic_linears(gm).values():
         parametrize.register_parametrization(linear, "weight", CompressedWeight(linear.weight), unsafe=True)
     return gm
@@ -264,10 +280,13 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
                 by_aten.setdefault(op, set()).add(layer)
     by_path: dict[str, set[tuple[str, str]]] = {}
     paths = getattr(lowered, "paths", {})
+    unnamed: set[tuple[str, str]] = set()  # weighted runtime layers no original name maps to a module (model outputs)
     for name, layer in lowered.layers.items():
         path = _onnx_path(name, paths) or _module_path(name)
         if path is not None:
             by_path.setdefault(path, set()).add(layer)
+        elif layer[0] in WEIGHTED_LAYERS:
+            unnamed.add(layer)
     out = []
     for r in rows:
         if r.name in lowered.run_time and lowered.names.get(r.name) not in lowered.dynamic:  # dynamic: run int8 below
@@ -275,7 +294,7 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
             continue
         target = lowered.names.get(r.name)
         found = (by_path.get(target, set()) | by_path.get(f"{target}.conv", set())) if target else set()
-        if r.op in ("conv1d", "conv2d", "linear"):
+        if r.op in WEIGHTED_OPS:
             found = {layer for layer in found if layer[0] in WEIGHTED_LAYERS}
         precisions = sorted({p for _, p in found})
         compiled = by_aten.get(r.op, set()) if target is None and r.precision == "int8" else set()
@@ -284,6 +303,14 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
             out.append(OpInfo(r.name, r.op, "float", f"openvino:{kinds}",
                               f"planned int8 ({r.reason}), but OpenVINO compiled every {r.op} of this model into "
                               f"{kinds} in f32: its FakeQuantize points only round the values"))
+        elif not precisions and r.op in WEIGHTED_OPS and r.precision == "int8" and any(
+                p not in ("u8", "i8") for _, p in unnamed):
+            # OpenVINO renamed the layer (e.g. after the model output it writes) and some such unnamed layer runs in
+            # float: do not claim int8 for what cannot be read back
+            kinds = "/".join(sorted({f"{k} {p}" for k, p in unnamed}))
+            out.append(OpInfo(r.name, r.op, "float", "openvino:unnamed",
+                              f"planned int8 ({r.reason}), but OpenVINO's runtime model does not name this layer and "
+                              f"its unnamed weighted layers run as {kinds}: reported float"))
         elif not precisions:
             out.append(OpInfo(r.name, r.op, r.precision, "openvino" if r.precision == "int8" else "openvino-float",
                               r.reason))
