@@ -170,6 +170,20 @@ def test_fidelity_compares_real_tokens_only_where_the_call_has_an_attention_mask
     assert db < 0.0  # a float mask is not a token mask: every position compared
 
 
+def test_the_mixed_plans_ranking_metric_compares_real_tokens_only():
+    class PadNoise(torch.nn.Module):
+        def forward(self, x, attention_mask):
+            return x + 100.0 * (1 - attention_mask)[..., None] + 0.01 * x  # garbage on padded tokens, 1% elsewhere
+
+    x = torch.randn(2, 4, 8)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    float_model = type("F", (torch.nn.Module,), {"forward": lambda self, x, attention_mask: x})()
+    metric = plans.token_sqnr_metric(float_model, [((), {"x": x, "attention_mask": mask})])
+    assert metric(PadNoise()) == pytest.approx(40.0, abs=0.01)  # 1% noise on the real tokens: 40 dB
+    metric = plans.token_sqnr_metric(float_model, [((), {"x": x, "attention_mask": mask.float()})])
+    assert metric(PadNoise()) < 0.0  # a float mask is not a token mask: every position compared
+
+
 @needs_engine
 def test_a_saved_static_plan_loads_as_that_plan_with_its_decision(monkeypatch, tmp_path):
     model, data, x = seed002_data()
