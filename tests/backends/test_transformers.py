@@ -222,4 +222,6 @@ def test_mixed_linears_rank_the_static_plans_linears_and_stop_within_the_margin(
     ranked = list(gains)
     assert ranked[:len(chosen)] == chosen and all(gains[a] >= gains[b] for a, b in zip(ranked, ranked[1:]))
     assert record["mixed_sim_db"] >= record["target_sim_db"] or len(chosen) == len(eligible), record
+    capped, record = plans.mixed_linears(model, static_observed, calls, eligible, need=record["static_sim_db"] + 0.5)
+    assert record["target_sim_db"] <= record["static_sim_db"] + 0.5 + plans.MIXED_SAFETY and len(capped) <= len(chosen)
     assert record["static_sim_db"] < record["target_sim_db"] or not chosen, record
