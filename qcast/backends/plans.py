@@ -19,8 +19,9 @@ The mixed plan (``"mixed"``), built only where the static one misses the floor: 
 linear but the few that cost most, which stay per-token (``mixed_linears``: the accuracy-aware machinery's switchable
 simulation of the static plan, ``qcast.report.sensitivity.Simulation``, ranks the per-token-able linears by how much
 keeping each one unquantized gains, then takes them most sensitive first until the simulation is within
-``MIXED_MARGIN`` dB of all of them unquantized, or ``MIXED_SAFETY`` dB above the floor). On the real all-MiniLM-L6-v2 these are the FFN output linears, whose
-input is the GELU output with outlier channels SmoothQuant cannot flatten: docs/design.md, "auto's mixed plan".
+``MIXED_MARGIN`` dB of all of them unquantized, or ``MIXED_SAFETY`` dB above the floor). On the real all-MiniLM-L6-v2 the FFN output linears rank first (their
+input is the GELU output, with outlier channels SmoothQuant cannot flatten), then many linears of 0.02-0.3 dB each:
+docs/design.md, "auto's mixed plan".
 """
 from __future__ import annotations
 
