@@ -35,7 +35,8 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
     ``"openvino"``, or ``"auto"``: each installed backend checked against the QDQ simulation and timed on the first
     calibration batch, the fastest kept (``qmodel.qcast_meta["backend_choice"]``). With the default
     ``activation="auto"``, a model whose plan has per-token linears also gets a static-linear plan
-    (``activation="int8"``) built and kept where it is faithful to float and faster (``qcast.backends.plans``).
+    (``activation="int8"``) built and kept where it is faithful to float and faster, and, where the static plan is
+    not faithful, a mixed plan keeping its most sensitive linears per-token (``qcast.backends.plans``).
 
     ``check_speed``: time the float and the int8 model on the first calibration batch (interleaved, bounded to about
     half a second, ``qcast.report.speed``); a ``SlowerThanFloatWarning`` with the figures and what to try when int8
@@ -72,9 +73,8 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
         else:  # backend="auto", default activations: also try the static-linear plan (qcast.backends.plans)
             held = [first, *calls]
             qmodel, _ = quantize_calls(model, held[0], iter(held[1:]), config, backend, progress, total)
-            static = config.replace(activation="int8")
-            qmodel = plans.choose_plan(model, held, qmodel, lambda cs: quantize_calls(
-                model, cs[0], iter(cs[1:]), static, backend, False)[0])
+            qmodel = plans.choose_plan(model, held, qmodel, lambda cs, per_token=(): quantize_calls(
+                model, cs[0], iter(cs[1:]), plans.static_config(config, per_token), backend, False))
     if check_speed:
         from .report.speed import speed_check, warn_if_slower
         # the user's model is only ever run in eval mode (a training-mode BatchNorm would update its statistics)

@@ -76,11 +76,15 @@ def test_a_faithful_static_plan_that_is_slower_is_rejected_as_slower(monkeypatch
 def test_a_static_plan_below_the_floor_is_rejected_with_its_sqnr_even_when_faster(monkeypatch):
     model, data, _ = seed002_data()
     monkeypatch.setattr(plans, "STATIC_MIN_SQNR", 60.0)  # above what 8-bit static linears reach on this block (34 dB)
+    monkeypatch.setattr(plans, "MIXED_MARGIN", 0.0)  # the floor is then the per-token plan's own SQNR (38 dB)
     q = quantize_with(monkeypatch, model, data, "static")
     choice = q.qcast_meta["backend_choice"]["plans"]
-    static = {v["plan"]: v for v in choice["variants"]}["static"]
-    assert choice["kept"] == "per-token" and choice["min_sqnr_vs_float"] == 60.0
-    assert static["rejected"].startswith("output SQNR vs float") and "< 60.0 dB" in static["rejected"], static
+    rows = {v["plan"]: v for v in choice["variants"]}
+    static = rows["static"]
+    assert choice["kept"] == "per-token"
+    assert choice["min_sqnr_vs_float"] == pytest.approx(rows["per-token"]["sqnr_vs_float"], abs=0.01)
+    assert static["rejected"].startswith("output SQNR vs float"), static
+    assert f"< {choice['min_sqnr_vs_float']:.1f} dB" in static["rejected"], static
 
 
 def test_the_static_plan_is_not_tried_where_the_user_chose_activations_or_a_backend(monkeypatch):
@@ -125,19 +129,31 @@ def _minilm():
 
 
 @needs_engine
-def test_minilm_rejects_the_static_plan_on_its_real_tokens_even_when_faster(monkeypatch):
+def test_minilm_rejects_the_static_plan_and_keeps_its_ffn_output_linears_per_token_in_the_mixed_plan(monkeypatch):
     """On the real all-MiniLM-L6-v2 static linears cost the sentence embedding (measured at 16 tokens: 18.6 dB,
-    cosine 0.993 on real tokens; per-token 27.6 dB, 0.9991): rejected however fast it runs."""
+    cosine 0.993 on real tokens; per-token 27.6 dB, 0.9991): rejected however fast it runs. The mixed plan keeps the
+    linears the static plan's simulation ranks most sensitive per-token, the FFN output linears (their input is the
+    GELU output), and every other linear static; kept (when fastest), its held-out sentence embeddings stay within
+    the issue's target of the float model's."""
     minilm, tok, model = _minilm()
     data = minilm.calibration_items(tok, length=16, batch=4)
-    q = quantize_with(monkeypatch, model, data, "static")
+    q = quantize_with(monkeypatch, model, data, "mixed")
     choice = q.qcast_meta["backend_choice"]["plans"]
     rows = {v["plan"]: v for v in choice["variants"]}
-    assert choice["kept"] == "per-token" and rows["static"]["rejected"].startswith("output SQNR vs float"), rows
+    assert rows["static"]["rejected"].startswith("output SQNR vs float"), rows
     assert rows["per-token"]["sqnr_vs_float"] > rows["static"]["sqnr_vs_float"] + 3.0, rows
-    x = minilm.encode(tok, ["A man is playing a guitar on stage.", "The stock market fell sharply today."], 16)
-    cos = torch.nn.functional.cosine_similarity(minilm.embed(model, x), minilm.embed(q, x)).min()
-    assert cos >= 0.995, f"kept per-token plan: embedding cosine {cos:.4f}"  # measured 0.9990
+    assert choice["kept"] == "mixed" and rows["mixed"]["rejected"] == "", rows
+    assert rows["mixed"]["sqnr_vs_float"] >= choice["min_sqnr_vs_float"] > rows["static"]["sqnr_vs_float"], rows
+    kept_per_token = choice["mixed"]["per_token"]
+    assert kept_per_token and len(kept_per_token) <= 12, choice["mixed"]  # a few of the 36 token linears
+    assert sum(name.endswith("output.dense") and "attention" not in name for name in kept_per_token) >= 3, choice
+    linears = {r.name: r for r in qcast.explain(q) if r.op == "linear"}
+    static = [r for name, r in linears.items() if name not in kept_per_token and "pooler" not in name]
+    assert static and all(r.precision == "int8" and "per-token" not in r.reason for r in static), static
+    sentences = [s for pair in minilm.TEST_PAIRS for s in pair][:16]
+    x = minilm.encode(tok, sentences, 32)
+    cos = torch.nn.functional.cosine_similarity(minilm.embed(model, x), minilm.embed(q, x))
+    assert cos.mean() >= 0.997 and cos.min() >= 0.99, f"kept mixed plan: embedding cosine {cos.mean():.4f} / {cos.min():.4f}"
 
 
 def test_fidelity_compares_real_tokens_only_where_the_call_has_an_attention_mask():
@@ -152,6 +168,20 @@ def test_fidelity_compares_real_tokens_only_where_the_call_has_an_attention_mask
     assert db == float("inf") and cos == pytest.approx(1.0)
     db, _ = plans.fidelity(float_model, PadNoise(), [((), {"x": x, "attention_mask": mask.float()})])
     assert db < 0.0  # a float mask is not a token mask: every position compared
+
+
+def test_the_mixed_plans_ranking_metric_compares_real_tokens_only():
+    class PadNoise(torch.nn.Module):
+        def forward(self, x, attention_mask):
+            return x + 100.0 * (1 - attention_mask)[..., None] + 0.01 * x  # garbage on padded tokens, 1% elsewhere
+
+    x = torch.randn(2, 4, 8)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    float_model = type("F", (torch.nn.Module,), {"forward": lambda self, x, attention_mask: x})()
+    metric = plans.token_sqnr_metric(float_model, [((), {"x": x, "attention_mask": mask})])
+    assert metric(PadNoise()) == pytest.approx(40.0, abs=0.01)  # 1% noise on the real tokens: 40 dB
+    metric = plans.token_sqnr_metric(float_model, [((), {"x": x, "attention_mask": mask.float()})])
+    assert metric(PadNoise()) < 0.0  # a float mask is not a token mask: every position compared
 
 
 @needs_engine

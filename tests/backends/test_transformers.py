@@ -171,3 +171,59 @@ def test_onnxruntime_explain_reads_linears_and_matmuls_back():
             assert all(r.precision == "float" for r in matmuls), matmuls
         if engine.matmuls == len(matmuls):
             assert all(r.precision == "int8" for r in matmuls), matmuls
+
+
+@functools.lru_cache(maxsize=None)
+def deit_mixed():
+    """(float model, calibrated ObservedModel of the mixed plan: static linear inputs, the FFN output linears
+    per-token, held-out input, the per-token linears' names) of the zoo's DeiT-like model."""
+    from qcast.backends import plans
+
+    model, input_fn = build_zoo("deit_tiny")
+    data = zoo_calibration(input_fn)
+    _, per_token_observed, _ = deit("auto")
+    names = sorted(n for n in plans.per_token_names(to_qdq(per_token_observed)) if n.endswith("fc2"))
+    observed = qcast.prepare(model, data[0], plans.static_config(qcast.QuantConfig(), names))
+    qcast.calibrate(observed, data, progress=False)
+    return model, observed, input_fn(batch=2, seed=10_000), names
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+def test_openvino_mixed_plan_runs_static_linears_u8_and_the_kept_ones_per_token_and_explain_reads_both_back():
+    """auto's mixed plan (``plans.static_config(config, names)``) on OpenVINO: the named linears compile to
+    weight-compressed FullyConnected layers the engine quantizes per token, every other linear to a u8 x i8
+    FullyConnected, and explain() reports each as read back from the compiled model."""
+    model, observed, x, names = deit_mixed()
+    assert names, "the zoo DeiT has per-token fc2 linears"
+    q = qcast.convert(observed, backend="openvino")
+    linears = {r.name: r for r in qcast.explain(q) if r.op == "linear"}
+    for name in names:
+        assert linears[name].engine == "openvino:i8" and "at run time" in linears[name].reason, linears[name]
+    static = [r for name, r in linears.items() if name not in names]
+    assert static and all(r.engine == "openvino:u8" and r.precision == "int8" for r in static), static
+    with torch.no_grad():
+        db = sqnr(model(x), q(x))
+    assert_sqnr(db, 28.0, "mixed plan on openvino vs float")  # measured: see the comment at FLOAT_THRESHOLD
+
+
+def test_mixed_linears_rank_the_static_plans_linears_and_stop_within_the_margin():
+    """``plans.mixed_linears`` on the zoo DeiT's static plan: the chosen linears are per-token-able ones, most
+    sensitive first, and leaving them unquantized brings the simulation to within ``MIXED_MARGIN`` dB of all of them
+    unquantized (or takes every one); fewer would not."""
+    from qcast.backends import plans
+
+    model, input_fn = build_zoo("deit_tiny")
+    data = zoo_calibration(input_fn)
+    _, static_observed, _ = deit("int8")
+    _, per_token_observed, _ = deit("auto")
+    eligible = plans.per_token_names(to_qdq(per_token_observed))
+    calls = [((x,), {}) for x in data[:2]]
+    chosen, record = plans.mixed_linears(model, static_observed, calls, eligible)
+    assert set(chosen) <= eligible and record["per_token"] == chosen
+    gains = record["gains_db"]
+    ranked = list(gains)
+    assert ranked[:len(chosen)] == chosen and all(gains[a] >= gains[b] for a, b in zip(ranked, ranked[1:]))
+    assert record["mixed_sim_db"] >= record["target_sim_db"] or len(chosen) == len(eligible), record
+    capped, record = plans.mixed_linears(model, static_observed, calls, eligible, need=record["static_sim_db"] + 0.5)
+    assert record["target_sim_db"] <= record["static_sim_db"] + 0.5 + plans.MIXED_SAFETY and len(capped) <= len(chosen)
+    assert record["static_sim_db"] < record["target_sim_db"] or not chosen, record
