@@ -26,6 +26,7 @@ import inspect
 import json
 import operator
 import os
+import threading
 import zlib
 from typing import Any
 
@@ -167,7 +168,18 @@ def _is_torch_module(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn.") and not list(m.children())
 
 
+#: constructor arguments of the recurrent layers, whose __init__ takes (*args, **kwargs)
+_RNN_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+
+
 def _init_kwargs(m: nn.Module) -> dict | None:
+    if isinstance(m, nn.RNNBase):
+        kw = {k: getattr(m, k) for k in _RNN_ARGS}
+        if isinstance(m, nn.LSTM):
+            kw["proj_size"] = m.proj_size
+        elif isinstance(m, nn.RNN):
+            kw["nonlinearity"] = m.nonlinearity
+        return kw
     kw = {}
     for name, p in inspect.signature(type(m).__init__).parameters.items():
         if name in ("self", "device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -391,7 +403,7 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
 
     What is written is the model's backend-neutral QDQ graph, whatever backend runs it here; a model read from a
     version 1-2 file (which has none) is written as the torch backend's graph it holds."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_bytes
 
     if not isinstance(qmodel, QuantizedModel):
         raise FormatError(f"save() needs a model returned by qcast.quantize/convert/load, got {type(qmodel).__name__}")
@@ -432,13 +444,27 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
         "sha256": _digest(tensors), "class_name": type(gm).__name__, "pytree": _pytree_io(gm),
     }
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    blob = _canonical_header(save_bytes(tensors, metadata=manifest_to_metadata(manifest)))
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
-        save_file(tensors, tmp, metadata=manifest_to_metadata(manifest))
+        with open(tmp, "wb") as f:
+            f.write(blob)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """The safetensors bytes with their JSON header written in sorted key order: safetensors serializes the metadata
+    from a hash map whose order changes from call to call, so the same model saved twice gave different bytes
+    (found by tests/fuzz). The tensor data and offsets are unchanged; the header is padded to 8 bytes as the format
+    requires."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw + blob[8 + n:]
 
 
 def _pytree_io(gm: fx.GraphModule) -> dict | None:
