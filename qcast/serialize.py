@@ -666,24 +666,26 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, backend: str |
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for broken files
         raise FormatError(f"{path}: {_what_it_is(path) or f'not a readable qcast file (truncated or corrupted?): {e}'}") from None
     manifest = metadata_to_manifest(metadata, path)
-    if manifest.get("format") != FORMAT:
-        raise FormatError(f"{path}: not a qcast file (format={manifest.get('format')!r})")
-    if manifest.get("version", 0) > VERSION:
-        raise FormatError(f"{path}: written by a newer qcast (format version {manifest['version']}, this qcast reads "
-                          f"up to {VERSION}); upgrade qcast to load it")
-    if _digest(tensors) != manifest.get("sha256"):
-        raise FormatError(f"{path}: tensor data does not match its checksum; the file was modified or corrupted")
     try:
         return _build_loaded(manifest, tensors, model, backend, path)
     except QcastError:
         raise
-    except Exception as e:  # noqa: BLE001 - a manifest that passed the checks above but does not fit together
+    except Exception as e:  # noqa: BLE001 - a manifest that passed the checks but does not fit together
         raise FormatError(f"{path}: the file's graph cannot be rebuilt ({type(e).__name__}: {e}); it was tampered "
                           "with or written by an incompatible qcast") from None
 
 
 def _build_loaded(manifest: dict, tensors: dict, model: nn.Module | None, backend: str | None,
                   path: str) -> QuantizedModel:
+    if manifest.get("format") != FORMAT:
+        raise FormatError(f"{path}: not a qcast file (format={manifest.get('format')!r})")
+    if not isinstance(manifest.get("version", 0), int):
+        raise FormatError(f"{path}: format version {manifest.get('version')!r} is not a number; the file was tampered with")
+    if manifest.get("version", 0) > VERSION:
+        raise FormatError(f"{path}: written by a newer qcast (format version {manifest['version']}, this qcast reads "
+                          f"up to {VERSION}); upgrade qcast to load it")
+    if _digest(tensors) != manifest.get("sha256"):
+        raise FormatError(f"{path}: tensor data does not match its checksum; the file was modified or corrupted")
     allowed = {type(m).__module__ for m in model.modules()} if model is not None else set()
     root: dict[str, Any] = {}
     backends()  # the kernel classes register when their backend modules are imported (KERNEL_MODULES)

@@ -12,7 +12,7 @@ import os
 from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-               print_blob=True)
+               print_blob=False)
 settings.register_profile("ci", max_examples=int(os.environ.get("QCAST_FUZZ_EXAMPLES", "30")), derandomize=True,
                           **_common)
 settings.register_profile("long", max_examples=1000, **_common)
