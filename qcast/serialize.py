@@ -491,7 +491,13 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
             attrs[n.target] = f"attr::{n.target}"
         nodes.append(entry)
     qmeta, rows = qmodel.qcast_meta, qmodel.qcast_records
-    meta = {k: v for k, v in qmeta.items() if k not in ("calibration_summary", "accuracy_search")}
+    # measurements of this process (timings of the speed check and of auto's candidates) are not written: the same
+    # model quantized twice saves to the same bytes (tests/test_concurrency.py). auto's plan decision stays (load
+    # reports it), with its figures.
+    meta = {k: v for k, v in qmeta.items() if k not in ("calibration_summary", "accuracy_search", "speed",
+                                                        "backend_choice")}
+    if "plans" in qmeta.get("backend_choice", {}):
+        meta["backend_choice"] = {"plans": qmeta["backend_choice"]["plans"]}
     manifest = {
         "format": FORMAT, "version": VERSION, "graph": kind, "nodes": nodes, "modules": modules, "attrs": attrs,
         # a QDQ graph's explain() rows come from lowering it at load: only a torch graph (formats 1-2) keeps them
