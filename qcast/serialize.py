@@ -508,9 +508,13 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
     blob = _canonical_header(save_bytes(tensors, metadata=manifest_to_metadata(manifest)))
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise FormatError(f"{os.fspath(path)}: cannot write the file ({e.strerror or e}); save() takes the path of "
+                              "a file in an existing, writable folder") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -663,6 +667,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, backend: str |
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: not a file (a folder?); load() takes the path of a file written by qcast.save")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
