@@ -142,6 +142,8 @@ def check_graph(spec: GraphSpec, *, backend: str = "torch", save_load: bool = Tr
         ref = model(x.clone())
         ref_b3 = model(spec.make_input(998, batch=3))
     assert_unchanged(model, before)  # the float model itself is pure (no state updated by a forward)
+    if spec.seed % 2:  # half the models are handed over in training mode: quantized as in eval, flags kept
+        model.train()
     before = snapshot(model)
     try:
         with warnings.catch_warnings():
