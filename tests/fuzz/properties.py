@@ -217,7 +217,9 @@ def _row_of(name: str, prefix: str) -> bool:
 
 
 def _expected_rows(spec: GraphSpec) -> list[tuple[str, str]]:
-    return weighted_sites(spec)
+    """Every weighted layer call, and every op without an int8 kernel (``FloatOp`` blocks: nothing fuses them away)."""
+    floats = [(f"blocks.{i}", b[1]) for i, b in enumerate(spec.blocks) if b[0] == "float_op"]
+    return weighted_sites(spec) + floats
 
 
 def _calls_per_site(spec: GraphSpec) -> dict[str, int]:
