@@ -151,7 +151,7 @@ def graph_spec(c) -> GraphSpec:
                 cur_s //= 2
         elif b == "float_op":
             op = c.choice(FLOAT_OPS if kind != "tokens" else ("sin", "abs", "center", "square", "clamp"))
-            if op == "group_norm" and cur_c % 2:
+            if (op == "group_norm" and cur_c % 2) or (op == "center" and cur_c == 1 and kind != "tokens"):
                 op = "abs"
             blocks.append((b, op))
         elif b == "affine":
@@ -315,9 +315,9 @@ class Shared(nn.Module):
 
 
 class FloatOp(nn.Module):
-    def __init__(self, c, op):
+    def __init__(self, c, op, dim=-1):
         super().__init__()
-        self.op = op
+        self.op, self.dim = op, dim
         self.norm = nn.GroupNorm(2, c) if op == "group_norm" else None
 
     def forward(self, x):
@@ -328,7 +328,7 @@ class FloatOp(nn.Module):
         if self.op == "group_norm":
             return self.norm(x)
         if self.op == "center":
-            return x - x.mean(dim=-1, keepdim=True)
+            return x - x.mean(dim=self.dim, keepdim=True)
         if self.op == "square":
             return x * x
         return torch.clamp(x, -0.5, 0.5)
@@ -544,7 +544,9 @@ class FuzzNet(nn.Module):
             elif kind in ("pool", "pool3d"):
                 m = Pool(3 if kind == "pool3d" else 2, b[1], b[2])
             elif kind == "float_op":
-                m = FloatOp(c, b[1])
+                # centred over channels (features for tokens): over a spatial dim, the head's global average of it
+                # would be exactly 0 in float, and its SQNR meaningless
+                m = FloatOp(c, b[1], dim=-1 if spec.kind == "tokens" else 1)
             elif kind == "affine":
                 m = Affine(c, b[1])
             elif kind == "shape_py":
