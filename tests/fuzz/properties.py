@@ -32,10 +32,13 @@ from qcast.report import sqnr
 from tests.fuzz.graphs import GraphSpec, build, weighted_sites
 from tests.models import flatten_output
 
-#: output SQNR floor vs float (dB) for random-weight models of up to 5 blocks plus a head; measured in
-#: docs/reliability.md (the distribution over the long run), with margin
-SQNR_FLOOR = 8.0
-CALIB_BATCHES = 3
+#: output SQNR floors vs float (dB) for random-weight models of up to 5 blocks plus a head (docs/reliability.md has
+#: the distribution over the long run). On a held-out input, values beyond the calibrated range are clipped: on the
+#: tiniest graphs (1 channel, 6x6) that alone costs down to ~8 dB, so the held-out floor is loose; on a calibration
+#: batch nothing clips and the floor is tight: a wrong kernel gives <= 0 dB on either
+SQNR_FLOOR = 5.0
+CALIB_SQNR_FLOOR = 15.0
+CALIB_BATCHES = 6
 
 
 @dataclasses.dataclass
@@ -43,7 +46,8 @@ class Outcome:
     spec: GraphSpec
     status: str                 # "ok" | "qcast_error"
     error: str = ""
-    sqnr: float | None = None
+    sqnr: float | None = None          # worst output leaf on held-out inputs (two batch sizes)
+    calib_sqnr: float | None = None    # worst output leaf on a calibration batch
     int8: int = 0
     rows: int = 0
 
@@ -132,7 +136,7 @@ def same_structure(a: Any, b: Any) -> None:
 
 
 def check_graph(spec: GraphSpec, *, backend: str = "torch", save_load: bool = True,
-                sqnr_floor: float = SQNR_FLOOR) -> Outcome:
+                check_floors: bool = True) -> Outcome:
     """All properties for ``spec`` (AssertionError naming the one that fails); the outcome for statistics."""
     model = build(spec)
     calib = [spec.make_input(100 + i) for i in range(CALIB_BATCHES)]
@@ -166,7 +170,14 @@ def check_graph(spec: GraphSpec, *, backend: str = "torch", save_load: bool = Tr
         assert torch.isfinite(o).all(), "non-finite values in the int8 output"
         s = sqnr(r, o)
         worst = min(worst, s)
-    assert worst >= sqnr_floor, f"output SQNR {worst:.1f} dB < {sqnr_floor} dB"
+    with torch.no_grad():
+        ref_c, out_c = model.eval()(calib[0].clone()), qmodel(calib[0].clone())
+    model.train(before["training"][""])
+    calib_sqnr = min(sqnr(r, o) for r, o in zip(_leaves(ref_c), _leaves(out_c)))
+    if check_floors:
+        assert worst >= SQNR_FLOOR, f"output SQNR {worst:.1f} dB < {SQNR_FLOOR} dB on a held-out input"
+        assert calib_sqnr >= CALIB_SQNR_FLOOR, \
+            f"output SQNR {calib_sqnr:.1f} dB < {CALIB_SQNR_FLOOR} dB on a calibration batch"
     if qmodel.qcast_meta.get("backend", "torch") == "torch":
         check_boundaries(qmodel, x.clone())
 
@@ -208,7 +219,7 @@ def check_graph(spec: GraphSpec, *, backend: str = "torch", save_load: bool = Tr
                 assert torch.equal(a, b), "the loaded model's outputs differ from the saved model's"
             assert qcast.explain(loaded) == rows, "the loaded model explains itself differently"
     int8 = sum(1 for r in rows if r.precision == "int8")
-    return Outcome(spec, "ok", sqnr=worst, int8=int8, rows=len(rows))
+    return Outcome(spec, "ok", sqnr=worst, calib_sqnr=calib_sqnr, int8=int8, rows=len(rows))
 
 
 def _row_of(name: str, prefix: str) -> bool:
