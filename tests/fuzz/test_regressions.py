@@ -60,3 +60,27 @@ def test_a_failed_torch_export_prints_nothing_on_stderr(capfd):
         qcast.quantize(build(spec), [spec.make_input(i) for i in range(2)], progress=False, check_speed=False)
     err = capfd.readouterr().err
     assert "def forward" not in err and "symbolic_shapes" not in err, err[:500]
+
+
+def test_a_residual_conv_with_fp32_output_is_probed_and_kept_int8():
+    """The engine probe checks a conv with a fused residual add in both its int8- and fp32-output kernels, each on its
+    own copy of the accumulator (the int8 kernel writes into it: reusing it made the fp32 check fail and the layer
+    fall back to float). A 1-channel residual, the fuzzer's smallest, stays int8 and exact."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class R(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            x = self.c1(x)
+            return F.relu(self.c2(x) + x)
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    q = qcast.quantize(R().eval(), [torch.randn(2, 1, 6, 6, generator=g) for _ in range(3)], progress=False,
+                       check_speed=False)
+    row = next(r for r in qcast.explain(q) if r.name == "c2")
+    assert row.precision == "int8" and "fused add" in row.reason, row
