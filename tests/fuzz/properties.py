@@ -96,21 +96,21 @@ def check_boundaries(qmodel: nn.Module, *args) -> None:
 
     class Checker(fx.Interpreter):
         def run_node(self, n):
-            out = super().run_node(n)
             want = n.meta.get("qcast_quantized")
             if n.op in ("placeholder", "output", "get_attr") or want is None:
-                return out
+                return super().run_node(n)
             ins = [t for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node)
                    for t in tensors(self.env.get(a))]
             own = n.op == "call_module" and type(self.module.get_submodule(n.target)).__module__.startswith("qcast.")
             what = f"{n.meta.get('qcast_name', n.name)} ({n.op} {n.target})"
-            for t in tensors(out):
-                assert t.is_quantized == want, f"{what} returned a {'quantized' if t.is_quantized else 'float'} " \
-                                               "tensor, the lowering meant the other"
             if not want and not own and not (n.op == "call_method" and n.target == "dequantize"):
                 assert not any(t.is_quantized for t in ins), f"a quantized tensor reached the float op {what}"
             if want and not own and n.target is not torch.quantize_per_tensor:
                 assert all(t.is_quantized for t in ins), f"a float tensor reached the int8 op {what}"
+            out = super().run_node(n)
+            for t in tensors(out):
+                assert t.is_quantized == want, f"{what} returned a {'quantized' if t.is_quantized else 'float'} " \
+                                               "tensor, the lowering meant the other"
             return out
 
     with torch.no_grad():
