@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench fuzz install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+fuzz: $(STAMP)   # the long profile: 1,000 random graphs through every property (tests/fuzz), then the loader
+	$(PY) benchmarks/fuzz.py --n 1000 --out fuzz.json
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/fuzz
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

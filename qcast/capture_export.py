@@ -18,6 +18,9 @@ is ATen-level, so this module turns it back into the graph the rest of qcast wor
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import operator
 import warnings
 from typing import Any
@@ -74,14 +77,39 @@ def _dynamic_shapes(names: list[str], values: list[Any]) -> dict[str, Any]:
     return {n: pytree.tree_map(spec, v) for n, v in zip(names, values)}
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs each failed guard with the whole traced program (pages on stderr) before raising; qcast
+    reports the failure itself (a CaptureError, or fx's reason), so those loggers are raised to ERROR meanwhile and
+    stderr is held back."""
+    names = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo",
+             "torch._subclasses.fake_tensor", "torch._functorch")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        # torch.export also print()s the partial graph of a failed export to stderr (export/_trace.py)
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_graph(model: nn.Module, args: tuple, kwargs: dict, names: list[str], values: list[Any]) -> fx.GraphModule:
     """``torch.export`` ``model`` (non-strict, every input dimension dynamic, else static with a warning) and return
     the graph translated to qcast's vocabulary, as a GraphModule rooted at ``model``."""
-    try:
-        ep = torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=_dynamic_shapes(names, values),
-                                 strict=False)
-    except Exception as dyn_error:  # noqa: BLE001 - retry without dynamic dims before giving up
-        ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    dyn_error = None
+    with _quiet_torch_logs():
+        try:
+            ep = torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=_dynamic_shapes(names, values),
+                                     strict=False)
+        except Exception as e:  # noqa: BLE001 - retry without dynamic dims before giving up
+            ep, dyn_error = None, e
+        if ep is None:
+            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    if dyn_error is not None:
         warnings.warn(f"{type(model).__name__} was captured with torch.export at fixed input shapes "
                       f"(dynamic shapes failed: {str(dyn_error).splitlines()[0][:200]}); the quantized model runs "
                       "only at the calibration shapes", stacklevel=3)

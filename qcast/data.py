@@ -37,6 +37,9 @@ def tensors_in(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 def check_finite(args: tuple, kwargs: dict, where: str) -> None:
     for path, t in tensors_in((args, kwargs)):
+        if t.is_floating_point() and not t.numel():
+            raise CalibrationError(f"{where}: input{path} has no values (shape {tuple(t.shape)}): calibration needs "
+                                   "data to measure ranges on (drop empty batches)")
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise CalibrationError(f"{where}: input{path} contains {bad} NaN/Inf value(s); calibration needs finite "
@@ -61,9 +64,14 @@ def iter_calls(data: Any, input_fn: Callable | None = None, num_batches: int | N
     it = iter(items)
     if num_batches is not None:
         it = itertools.islice(it, num_batches)
-    for item in it:
+    for i, item in enumerate(it):
         if input_fn is not None:
-            item = input_fn(item)
+            try:
+                item = input_fn(item)
+            except Exception as e:  # noqa: BLE001 - the user's function: say which item and what it raised
+                raise CalibrationError(f"input_fn raised {type(e).__name__}: {e} on calibration item {i}; input_fn "
+                                       "maps one item of calibration_data (e.g. an (inputs, labels) batch) to the "
+                                       "model's inputs, e.g. input_fn=lambda batch: batch[0]") from e
         yield as_call(item, "calibration item")
 
 

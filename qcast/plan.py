@@ -1,6 +1,8 @@
 """The per-node plan: which ops run int8, on which engine, and why the others stay float."""
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -54,8 +56,13 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
         node.meta["qcast_plan"] = p
         meta = node.meta.get("qcast_val")
         tensor_out = isinstance(meta, TensorMeta) or (op in ("chunk", "split", "unbind") and isinstance(meta, (tuple, list)))
-        p.visible = tensor_out and op not in HIDDEN_OPS
+        # a layer with weights returning a structure (nn.LSTM/GRU: (output, state)) is a row too, with its reason
+        weighted = mod is not None and any(True for _ in itertools.chain(mod.parameters(), mod.buffers()))
+        p.visible = (tensor_out or weighted) and op not in HIDDEN_OPS
         p.reason = _float_reason(node, p, ctx, opaque, tensor_out) or ""
+        if not tensor_out and weighted and p.reason == "produces no tensor":
+            p.reason = (f"returns a {type(meta).__name__ if meta is not None else 'structure'}, not one tensor: no "
+                        f"int8 kernel for '{op}' on this backend (see `qcast ops`); runs in float")
         if p.reason and node.meta.get("qcast_unfolded"):  # a BatchNorm fold_bn could not fold, kept in float
             p.reason = f"{node.meta['qcast_unfolded']}; runs in float: {p.reason}"
         if not p.reason:

@@ -17,6 +17,7 @@ from .config import QuantConfig
 from .data import as_call, check_finite
 from .errors import WHERE_IT_RUNS, CaptureError, ConfigError, UnsupportedError
 from .observers import FixedQParamsObserver, Observer, make_observer
+from .quantized import QuantizedModel
 from .quantizers import QuantizerPoint
 from .plan import Ctx, is_int8, plan_graph
 
@@ -54,6 +55,9 @@ def as_config(config: Any) -> QuantConfig:
 def check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, QuantizedModel):
+        raise UnsupportedError("this model is already quantized (a QuantizedModel from qcast.quantize/convert/load); "
+                               "quantize the float model it came from, or load(path, backend=...) to run it elsewhere")
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type != "cpu":
             raise UnsupportedError(

@@ -26,6 +26,7 @@ import inspect
 import json
 import operator
 import os
+import threading
 import zlib
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import attr_at
-from .errors import FormatError
+from .errors import FormatError, QcastError
 from .backends.torch.kernels import backends
 from .backends.torch.kernels.base import KERNEL_MODULES, KernelModule
 from .nn import FusedBatchNorm, FusedConv
@@ -90,12 +91,13 @@ def _dec(a: Any, nodes: dict[str, fx.Node]) -> Any:
         return {_dec(k, nodes): _dec(x, nodes) for k, x in v}
     if tag == "__slice__":
         return slice(*(_dec(x, nodes) for x in v))
-    if tag == "__dtype__":
-        return getattr(torch, v)
+    if tag in ("__dtype__", "__memory_format__", "__layout__"):
+        value = getattr(torch, v, None) if isinstance(v, str) and not v.startswith("_") else None
+        if not isinstance(value, (torch.dtype, torch.memory_format, torch.layout)):
+            raise FormatError(f"{v!r} is not a torch dtype/layout/memory format; the manifest was tampered with")
+        return value
     if tag == "__device__":
         return torch.device(v)
-    if tag in ("__memory_format__", "__layout__"):
-        return getattr(torch, v)
     if tag == "__ellipsis__":
         return Ellipsis
     raise FormatError(f"unknown argument tag {tag!r} in the manifest")
@@ -142,11 +144,55 @@ def _moved(mod_name: str) -> str:
     return mod_name
 
 
+#: builtins a saved graph may call (fx graphs call getattr/len on sizes); never eval, exec, open, __import__ & co.
+_SAFE_BUILTINS = frozenset({"getattr", "len", "int", "float", "bool", "min", "max", "abs", "round", "range", "slice",
+                            "tuple", "list", "sum", "pow", "divmod", "isinstance"})
+#: torch modules whose functions read files, compile or run code, or change process state: never called by a graph
+_UNSAFE_TORCH = ("torch.hub", "torch.serialization", "torch.utils", "torch.jit", "torch.package", "torch.multiprocessing",
+                 "torch.distributed", "torch._dynamo", "torch.compiler", "torch._inductor", "torch.cuda", "torch.backends",
+                 "torch.library", "torch.export", "torch._export", "torch.onnx", "torch._C._dynamo",
+                 "torch.storage", "torch._weights_only_unpickler", "torch.overrides")
+_UNSAFE_TORCH_NAMES = frozenset({"load", "save", "from_file", "compile", "set_default_device", "set_default_dtype",
+                                 "set_num_threads", "manual_seed", "seed", "use_deterministic_algorithms"})
+#: qcast modules whose functions a saved graph may call (its own ops), never the CLI or the API
+_QCAST_FN_MODULES = ("qcast.nn", "qcast.passes", "qcast.backends.torch.kernels", "qcast.capture_export",
+                     "qcast.quantized", "qcast.smooth", "qcast.observers", "qcast.quantizers", "qcast.schemes")
+#: the dunder methods a graph may call on a tensor (everything else starting with '_' is refused)
+_SAFE_DUNDERS = frozenset({"__getitem__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+                           "__truediv__", "__rtruediv__", "__floordiv__", "__matmul__", "__neg__", "__pow__"})
+
+
+def _refuse(what: str) -> FormatError:
+    return FormatError(f"the saved graph {what}: refusing to load (qcast never writes that; the file was tampered "
+                       "with or is not from qcast.save)")
+
+
+def _safe_name(s: Any, what: str, dotted: bool = False) -> str:
+    """``s`` as a name fx may write into the code it generates (node targets, keyword names, argument names): only
+    identifier characters, so that a tampered manifest cannot inject code into the generated forward()."""
+    parts = s.split(".") if dotted and isinstance(s, str) else [s]
+    if not all(isinstance(p, str) and p and all(c.isalnum() or c == "_" for c in p) and p.isascii() for p in parts):
+        raise _refuse(f"names {what} {s!r}")
+    return s
+
+
 def _resolve_fn(name: str, allowed_modules: set[str]):
+    if not isinstance(name, str):
+        raise _refuse(f"calls {name!r}")
     if name.startswith("builtins."):
         import builtins
-        return getattr(builtins, name.split(".", 1)[1])
+        fn = name.split(".", 1)[1]
+        if fn not in _SAFE_BUILTINS:
+            raise _refuse(f"calls builtins.{fn}")
+        return getattr(builtins, fn)
     mod_name, _, qual = name.partition(":")
+    if any(p.startswith("__") for p in qual.split(".")):
+        raise _refuse(f"calls {name}")
+    if mod_name.startswith(_UNSAFE_TORCH) or (mod_name.split(".")[0] == "torch" and qual.split(".")[-1] in _UNSAFE_TORCH_NAMES):
+        raise _refuse(f"calls {name}")
+    if mod_name.split(".")[0] == "qcast" and not _moved(mod_name).startswith(_QCAST_FN_MODULES) \
+            and mod_name not in allowed_modules:
+        raise _refuse(f"calls {name}")
     if mod_name == "torch.ops":
         namespace, op, overload = (qual.split(".") + ["default"])[:3]
         if namespace not in _SAFE_OP_NAMESPACES:
@@ -154,9 +200,16 @@ def _resolve_fn(name: str, allowed_modules: set[str]):
         return getattr(getattr(getattr(torch.ops, namespace), op), overload)
     if not (mod_name.split(".")[0] in _SAFE_MODULE_PREFIXES or mod_name in allowed_modules):
         raise _model_needed(f"the saved graph calls {name}, which is your own code")
-    obj = importlib.import_module(_moved(mod_name))
-    for part in qual.split("."):
-        obj = getattr(obj, part)
+    try:
+        obj = importlib.import_module(_moved(mod_name))
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise FormatError(f"the saved graph calls {name}, which this installation does not have ({e}); the file was "
+                          "written by another qcast/torch version or tampered with") from None
+    where = getattr(obj, "__module__", None) or ""
+    if isinstance(where, str) and where.startswith(_UNSAFE_TORCH) and mod_name not in allowed_modules:
+        raise _refuse(f"calls {name} ({where})")
     return obj
 
 
@@ -167,7 +220,18 @@ def _is_torch_module(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn.") and not list(m.children())
 
 
+#: constructor arguments of the recurrent layers, whose __init__ takes (*args, **kwargs)
+_RNN_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+
+
 def _init_kwargs(m: nn.Module) -> dict | None:
+    if isinstance(m, nn.RNNBase):
+        kw = {k: getattr(m, k) for k in _RNN_ARGS}
+        if isinstance(m, nn.LSTM):
+            kw["proj_size"] = m.proj_size
+        elif isinstance(m, nn.RNN):
+            kw["nonlinearity"] = m.nonlinearity
+        return kw
     kw = {}
     for name, p in inspect.signature(type(m).__init__).parameters.items():
         if name in ("self", "device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -310,6 +374,9 @@ def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None)
         if "weight_qmax" in spec:
             m.qcast_weight_qmax = qmax_from_json(spec["weight_qmax"])
         m.load_state_dict(state)
+        # as in the quantized model (prepare works on a copy without grads): PyTorch picks other CPU kernels for an
+        # LSTM/GRU whose weights require grad, with other rounding (found by tests/fuzz)
+        m.requires_grad_(False)
         return m.eval()
     if kind == "qdq":
         from .observers import QParams
@@ -326,7 +393,7 @@ def _build_module(path: str, spec: dict, tensors: dict, model: nn.Module | None)
         sub_cls = f"{type(sub).__module__}.{type(sub).__qualname__}"
         if sub_cls != spec["class"]:
             raise FormatError(f"'{path}' in the model passed to load() is {sub_cls}, the file expects {spec['class']}")
-        return copy.deepcopy(sub).eval()
+        return copy.deepcopy(sub).eval().requires_grad_(False)  # as quantize's copy (see kind "torch")
     raise FormatError(f"{path}: unknown module kind {kind!r}")
 
 
@@ -391,7 +458,7 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
 
     What is written is the model's backend-neutral QDQ graph, whatever backend runs it here; a model read from a
     version 1-2 file (which has none) is written as the torch backend's graph it holds."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_bytes
 
     if not isinstance(qmodel, QuantizedModel):
         raise FormatError(f"save() needs a model returned by qcast.quantize/convert/load, got {type(qmodel).__name__}")
@@ -424,7 +491,13 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
             attrs[n.target] = f"attr::{n.target}"
         nodes.append(entry)
     qmeta, rows = qmodel.qcast_meta, qmodel.qcast_records
-    meta = {k: v for k, v in qmeta.items() if k not in ("calibration_summary", "accuracy_search")}
+    # measurements of this process (timings of the speed check and of auto's candidates) are not written: the same
+    # model quantized twice saves to the same bytes (tests/test_concurrency.py). auto's plan decision stays (load
+    # reports it), with its figures.
+    meta = {k: v for k, v in qmeta.items() if k not in ("calibration_summary", "accuracy_search", "speed",
+                                                        "backend_choice")}
+    if "plans" in qmeta.get("backend_choice", {}):
+        meta["backend_choice"] = {"plans": qmeta["backend_choice"]["plans"]}
     manifest = {
         "format": FORMAT, "version": VERSION, "graph": kind, "nodes": nodes, "modules": modules, "attrs": attrs,
         # a QDQ graph's explain() rows come from lowering it at load: only a torch graph (formats 1-2) keeps them
@@ -432,13 +505,31 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike) -> None:
         "sha256": _digest(tensors), "class_name": type(gm).__name__, "pytree": _pytree_io(gm),
     }
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    blob = _canonical_header(save_bytes(tensors, metadata=manifest_to_metadata(manifest)))
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
-        save_file(tensors, tmp, metadata=manifest_to_metadata(manifest))
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise FormatError(f"{os.fspath(path)}: cannot write the file ({e.strerror or e}); save() takes the path of "
+                              "a file in an existing, writable folder") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """The safetensors bytes with their JSON header written in sorted key order: safetensors serializes the metadata
+    from a hash map whose order changes from call to call, so the same model saved twice gave different bytes
+    (found by tests/fuzz). The tensor data and offsets are unchanged; the header is padded to 8 bytes as the format
+    requires."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw + blob[8 + n:]
 
 
 def _pytree_io(gm: fx.GraphModule) -> dict | None:
@@ -502,6 +593,8 @@ def _restore_pytree_io(gm: fx.GraphModule, io: dict | None, path: str) -> None:
 
     if not io:
         return
+    for name in io.get("orig_args", []):  # written into the generated forward's signature
+        _safe_name(name, "the input")
 
     def specs():
         return (pytree.treespec_loads(io["in_spec"]),
@@ -574,6 +667,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, backend: str |
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: not a file (a folder?); load() takes the path of a file written by qcast.save")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -583,8 +678,21 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, backend: str |
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for broken files
         raise FormatError(f"{path}: {_what_it_is(path) or f'not a readable qcast file (truncated or corrupted?): {e}'}") from None
     manifest = metadata_to_manifest(metadata, path)
+    try:
+        return _build_loaded(manifest, tensors, model, backend, path)
+    except QcastError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a manifest that passed the checks but does not fit together
+        raise FormatError(f"{path}: the file's graph cannot be rebuilt ({type(e).__name__}: {e}); it was tampered "
+                          "with or written by an incompatible qcast") from None
+
+
+def _build_loaded(manifest: dict, tensors: dict, model: nn.Module | None, backend: str | None,
+                  path: str) -> QuantizedModel:
     if manifest.get("format") != FORMAT:
         raise FormatError(f"{path}: not a qcast file (format={manifest.get('format')!r})")
+    if not isinstance(manifest.get("version", 0), int):
+        raise FormatError(f"{path}: format version {manifest.get('version')!r} is not a number; the file was tampered with")
     if manifest.get("version", 0) > VERSION:
         raise FormatError(f"{path}: written by a newer qcast (format version {manifest['version']}, this qcast reads "
                           f"up to {VERSION}); upgrade qcast to load it")
@@ -594,23 +702,38 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, backend: str |
     root: dict[str, Any] = {}
     backends()  # the kernel classes register when their backend modules are imported (KERNEL_MODULES)
     for target, spec in manifest["modules"].items():
-        root[target] = _build_module(target, spec, tensors, model)
+        root[_safe_name(target, "the module", dotted=True)] = _build_module(target, spec, tensors, model)
     for target, key in manifest["attrs"].items():
-        root[target] = tensors[key]
+        root[_safe_name(target, "the attribute", dotted=True)] = tensors[key]
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
     for e in manifest["nodes"]:
         args, kwargs = _dec(e["args"], env), _dec(e["kwargs"], env)
         target = e["target"]
+        if e["op"] not in ("placeholder", "get_attr", "call_function", "call_module", "call_method", "output"):
+            raise _refuse(f"has a node of kind {e['op']!r}")
         if e["op"] == "call_function":
             target = _resolve_fn(target, allowed)
+            if target is getattr and not (len(args) == 2 and isinstance(args[1], str) and not args[1].startswith("_")):
+                raise _refuse(f"reads the attribute {args[1:]!r}")
+        elif e["op"] == "call_method":
+            _safe_name(target, "the method")
+            if target.startswith("_") and target not in _SAFE_DUNDERS:
+                raise _refuse(f"calls the method {target!r}")
+        elif e["op"] in ("call_module", "get_attr"):
+            _safe_name(target, "the attribute", dotted=True)
+        elif e["op"] == "placeholder":
+            _safe_name(target, "the input")
+        if isinstance(kwargs, dict):
+            for k in kwargs:
+                _safe_name(k, "the keyword")
         node = graph.create_node(e["op"], target, tuple(args) if isinstance(args, (list, tuple)) else args, kwargs, name=e["name"])
         if e.get("qcast_name"):
             node.meta["qcast_name"], node.meta["qcast_op"] = e["qcast_name"], e.get("qcast_op")
         if "meta" in e:
             node.meta.update({k: _dec_meta(v, env) for k, v in e["meta"].items()})
         env[e["name"]] = node
-    gm = fx.GraphModule(root, graph, class_name=manifest.get("class_name", "QcastInt8"))
+    gm = fx.GraphModule(root, graph, class_name=_safe_name(manifest.get("class_name", "QcastInt8"), "the class"))
     _restore_pytree_io(gm, manifest.get("pytree"), path)
     meta = _dec(manifest["meta"], {})
     if manifest.get("graph") != "qdq":  # versions 1-2: the torch backend's lowered graph

@@ -51,7 +51,7 @@ def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
         base = "_".join(str(i.target).replace(".", "_") for i in node.all_input_nodes if i.op == "get_attr")
         target = f"qcast_const_{base or 'value'}_{folded}"
         folded += 1
-        gm.register_buffer(target, out.detach().clone())
+        gm.register_buffer(target, out.detach().clone(memory_format=torch.contiguous_format))
         with gm.graph.inserting_before(node):
             const = gm.graph.get_attr(target)
         const.meta.update({k: v for k, v in node.meta.items() if k.startswith("qcast_")})

@@ -119,6 +119,10 @@ def lower_torch(qdq: fx.GraphModule, config) -> fx.GraphModule:
                 root[n.target] = attr_at(qdq, n.target)
             new.meta.update({k: n.meta[k] for k in ("qcast_name", "qcast_op") if k in n.meta})
             env_f[n] = new
+    for n in graph.nodes:  # what each value is meant to be at run time: tests check it (tests/fuzz/properties.py)
+        n.meta["qcast_quantized"] = False
+    for n in env_q.values():
+        n.meta["qcast_quantized"] = True
     fuse_siblings(graph, root)  # per-token query/key/value linears: one GEMM
     for n in [n for n in graph.nodes if n.op == "call_module" and not n.users and isinstance(root[n.target], Smooth)]:
         graph.erase_node(n)  # a SmoothQuant multiply its per-token kernel applies itself (LinearDynamicKernel.build)

@@ -48,6 +48,15 @@ def _centred(q: torch.Tensor) -> torch.Tensor:
 _BF16 = {"lock": threading.Lock(), "users": 0, "saved": None}
 
 
+def _alone() -> bool:
+    """No other non-daemon Python thread is alive: nobody else can be running a float op of the user's while a QMatmul
+    has oneDNN's fp32 matmuls on bf16 (daemon threads, e.g. tqdm's monitor, do not compute). Found by
+    tests/test_concurrency.py: with the setting on in one thread, another thread's float matmuls ran on bf16 inputs
+    and a quantized model called from several threads gave other results than called serially."""
+    me = threading.current_thread()
+    return all(t is me or t.daemon for t in threading.enumerate())
+
+
 @contextlib.contextmanager
 def exact_int_matmul():
     """Let oneDNN run fp32 matmuls on bf16 units (fp32 accumulation) while inside: only for operands that are
@@ -55,7 +64,9 @@ def exact_int_matmul():
     integer sums, exact below 2^24). The setting is process-wide: the first caller in saves it and the last one out
     restores it, so calls from several threads at once cannot leave it changed (docs/design.md, known limits)."""
     prec = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    if getattr(prec, "fp32_precision", None) is None:  # a PyTorch without the setting: plain fp32, still exact
+    if getattr(prec, "fp32_precision", None) is None or not _alone():
+        # a PyTorch without the setting, or other threads that may be running float matmuls right now (which the
+        # process-wide setting would move to bf16): plain fp32, still exact, 1.2-2.9x slower on AMX
         yield
         return
     with _BF16["lock"]:

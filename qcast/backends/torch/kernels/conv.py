@@ -346,9 +346,12 @@ class ConvKernel(KernelImpl):
             ref = ref + acc.dequantize()
         if act in ("relu", "relu6"):
             ref = ref.clamp(0, 6 if act == "relu6" else None)
-        outs = [QConv.from_float(mod, scale, zp, engine)] + ([] if add else [QConv.from_float(mod, None, None, engine)])
+        # the fp32-output kernel too when a residual add is fused (the plan gives such a layer an fp32 output when no
+        # int8 op reads it: oneDNN's "sum" post-op into the dequantized residual), each on its own copy of the
+        # accumulator (the int8 kernel may write into it)
+        outs = [QConv.from_float(mod, scale, zp, engine), QConv.from_float(mod, None, None, engine)]
         for q in outs:
-            y = q(x, acc) if q.add else q(x)
+            y = q(x, acc.clone()) if q.add else q(x)
             err = (ref - (y.dequantize() if y.is_quantized else y)).pow(2).mean()
             got = float(10 * torch.log10(ref.pow(2).mean() / err)) if err > 0 else float("inf")
             if not got >= ConvKernel.PROBE_MIN_SQNR:
