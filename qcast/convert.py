@@ -243,7 +243,10 @@ def convert(observed, backend: str | None = None) -> QuantizedModel:
                                f"with QuantConfig(backend={backend!r})")
     qdq = to_qdq(observed)
     example = getattr(observed, "qcast_example", None)  # the first calibration batch (calibrate)
-    gm, rows, backend, choice = lower(qdq, observed.qcast_config, observed.qcast_opaque, backend, example)
+    from .distributed import group
+    # calibrated under a process group: every rank converts, and backend="auto"'s timing is decided on rank 0
+    gm, rows, backend, choice = lower(qdq, observed.qcast_config, observed.qcast_opaque, backend, example,
+                                      collective=group.active())
     meta = {
         "version": VERSION,
         "backend": backend,
@@ -262,7 +265,8 @@ def convert(observed, backend: str | None = None) -> QuantizedModel:
     return QuantizedModel(gm, rows, meta, qdq)
 
 
-def lower(qdq: fx.GraphModule, config, opaque: dict[str, str], backend: str, example: tuple | None = None):
+def lower(qdq: fx.GraphModule, config, opaque: dict[str, str], backend: str, example: tuple | None = None,
+          collective: bool = False):
     """``(lowered module, explain rows, backend name, auto's choice or None)``: the QDQ graph lowered for ``backend``
     (``"auto"``: every installed backend checked and timed on ``example``, default: inputs shaped like the graph's).
     What ``convert`` and ``load`` share."""
@@ -270,14 +274,26 @@ def lower(qdq: fx.GraphModule, config, opaque: dict[str, str], backend: str, exa
 
     from .backends import regions
 
+    from .distributed import group
+
     example = example or example_call(qdq)
     choice = None
     if backend == "auto":
         from .backends.onnxruntime.export import shared_export
-        with shared_export():  # ONNX Runtime and OpenVINO start from one ONNX export of the graph
-            backend, gm, tried = choose(qdq, lambda b: lower_for(b, qdq, config), kernel_table(config.backend),
-                                        example)
-        choice = {"input": describe(*example), "candidates": [c.to_dict() for c in tried]}
+
+        def decide():
+            with shared_export():  # ONNX Runtime and OpenVINO start from one ONNX export of the graph
+                name, module, tried = choose(qdq, lambda b: lower_for(b, qdq, config), kernel_table(config.backend),
+                                             example)
+            decide.module = module
+            return name, [c.to_dict() for c in tried]
+
+        # timing differs from rank to rank: under a process group (collective=True) rank 0 decides for every rank
+        backend, tried = group.decide_on_main(decide) if collective else decide()
+        gm = getattr(decide, "module", None) or lower_for(get_backend(backend), qdq, config)
+        choice = {"input": describe(*example), "candidates": tried}
+        if collective and group.active():
+            choice["decided_by"] = f"rank 0 of {group.world_size()}"
     else:
         gm = lower_for(get_backend(backend), qdq, config)
     if regions.is_split(gm):
