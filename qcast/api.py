@@ -5,6 +5,7 @@ import copy
 import itertools
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from .calibrate import calibrate
@@ -81,11 +82,16 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
                 "kept": "per-token", "skipped": "distributed calibration: the static-linear plan's held-back batch is "
                                                 "not defined across ranks (docs/scale.md)"}
         else:  # backend="auto", default activations: also try the static-linear plan (qcast.backends.plans)
-            held = [first, *calls]
-            qmodel, _ = quantize_calls(model, held[0], iter(held[1:]), config, backend, progress, total)
+            if _reiterable(calibration_data):  # a second pass over the data: memory stays bounded
+                qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total)
+                source = lambda: iter_calls(calibration_data, input_fn, num_batches)  # noqa: E731
+            else:  # a one-shot iterator (generator): the batches are kept to be run twice (docs/design.md)
+                held = [first, *calls]
+                qmodel, _ = quantize_calls(model, held[0], iter(held[1:]), config, backend, progress, total)
+                source = held
             static = config.replace(activation="int8")
-            qmodel = plans.choose_plan(model, held, qmodel, lambda cs: quantize_calls(
-                model, cs[0], iter(cs[1:]), static, backend, False)[0])
+            qmodel = plans.choose_plan(model, source, qmodel, lambda cs: quantize_calls(
+                model, next(cs), cs, static, backend, False)[0])
     if check_speed:
         from .report.speed import speed_check, warn_if_slower
         # the user's model is only ever run in eval mode (a training-mode BatchNorm would update its statistics)
@@ -109,6 +115,17 @@ def quantize_calls(model, first, rest, config: QuantConfig, backend: str, progre
     qmodel.qcast_meta["example_input"] = describe(args, kwargs)
     qmodel.qcast_meta["calibration_summary"] = summary
     return qmodel, observed
+
+
+def _reiterable(data) -> bool:
+    """Data that can be read twice: iterating it gives a fresh iterator (a list, a Dataset, a DataLoader), unlike a
+    generator or an iterator (``iter(it) is it``)."""
+    if isinstance(data, (torch.Tensor, dict)) or not hasattr(data, "__iter__"):
+        return False
+    try:
+        return iter(data) is not data
+    except TypeError:
+        return False
 
 
 def _replay(first, rest):

@@ -49,7 +49,9 @@ class PlanVariant:
 
 def skip_reason(config, backend: str) -> str:
     """Why no static variant is built for this request (cheap: no model run), or ``""`` when it is worth building.
-    When it is, ``quantize`` keeps the calibration batches in memory (a list) to calibrate the second plan on them."""
+    When it is, ``quantize`` makes a second pass over re-iterable data (a list, a DataLoader: ``iter(data)`` is not
+    ``data``) to calibrate the second plan, and keeps the batches in memory (a list) only for a one-shot iterator (a
+    generator), which cannot be read twice."""
     if backend != "auto":
         return f"backend={backend!r}, not 'auto'"
     if config.activation != "auto" or any("activation" in over for over in config.per_layer.values()):
@@ -92,11 +94,38 @@ def _token_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-def choose_plan(model: nn.Module, calls: list[tuple[tuple, dict]], per_token, build_static: Callable,
-                timer=None):
-    """The kept QuantizedModel: ``per_token`` (built on every call) or the static plan ``build_static(calls)`` builds
-    on all calls but the last, which both are measured on. The decision goes into the kept model's
-    ``qcast_meta["backend_choice"]["plans"]`` (with ``"kept"`` and ``"extra_s"``, the time the static variant cost)."""
+class _AllButLast:
+    """Iterates every call of ``it`` but the last, which ``held()`` returns: the static plan calibrates on a second
+    pass over the data while holding one batch, not the data set."""
+
+    _END = object()
+
+    def __init__(self, it, first):
+        self.it, self.prev, self.last = it, first, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        nxt = next(self.it, self._END)
+        if nxt is self._END:
+            self.last = self.prev
+            raise StopIteration
+        out, self.prev = self.prev, nxt
+        return out
+
+    def held(self):
+        for _ in self:  # a static build that failed half-way: the rest of the pass, to reach the last call
+            pass
+        return self.last
+
+
+def choose_plan(model: nn.Module, calls, per_token, build_static: Callable, timer=None):
+    """The kept QuantizedModel: ``per_token`` (built on every call) or the static plan ``build_static(iterator)``
+    builds on all calls but the last, which both are measured on. ``calls``: a list of ``(args, kwargs)`` or a
+    function returning a fresh iterator over them (a second pass over re-iterable data: nothing is held in memory but
+    one batch). The decision goes into the kept model's ``qcast_meta["backend_choice"]["plans"]`` (with ``"kept"``
+    and ``"extra_s"``, the time the static variant cost)."""
     from ..timing import time_interleaved
     from .context import dynamic_linears
 
@@ -105,21 +134,25 @@ def choose_plan(model: nn.Module, calls: list[tuple[tuple, dict]], per_token, bu
     if per_token.qcast_qdq is None or not dynamic_linears(per_token.qcast_qdq):
         choice["plans"] = {"kept": "per-token", "skipped": "no per-token dynamic linears in the plan"}
         return per_token
-    if len(calls) < 2:
+    stream = calls() if callable(calls) else iter(calls)
+    first, second = next(stream, None), next(stream, None)
+    if second is None:
         choice["plans"] = {"kept": "per-token", "skipped": "one calibration batch: none to hold back for measuring the "
                                                           "static plan's fidelity; pass two or more"}
         return per_token
     t0 = time.perf_counter()
     float_model = copy.deepcopy(model).eval() if model.training else model
-    held = calls[-1:]
+    import itertools
+    rest = _AllButLast(stream, second)
     variants = {"per-token": per_token}
     rejected = {}
     try:
         with warnings.catch_warnings():  # the static plan's own warnings (e.g. auto keeping torch): its fidelity judges
             warnings.simplefilter("ignore")
-            variants["static"] = build_static(calls[:-1])
+            variants["static"] = build_static(itertools.chain([first], rest))
     except Exception as e:  # noqa: BLE001 - a static plan that cannot be built is a rejected candidate, not a failure
         rejected["static"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    held = [rest.held()]
     scores = {name: fidelity(float_model, q, held) for name, q in variants.items()}
     times, _ = timer(variants, *held[0])
     rows = []
