@@ -24,6 +24,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: qcast's documented default calibration size ("8-32 representative batches"): the low end
 DEFAULT_BATCHES = 8
+#: batches of the throughput study: large enough (~10-20 ms of forward each) that the work, not the per-batch
+#: Python overhead, is what the processes share
+TP_SHAPE = (8, 3, 64, 64)
 
 
 def _rss_mib() -> float:
@@ -87,7 +90,7 @@ def _tp_worker(rank: int, world: int, init: str, n: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     model = _cnn()
     observed = qcast.prepare(model, next(_batches(1)), qcast.QuantConfig(backend="torch"))
-    data = list(qcast.distributed.shard(_batches(n), rank, world))
+    data = list(qcast.distributed.shard(_batches(n, shape=TP_SHAPE), rank, world))
     dist.barrier()
     t0 = time.perf_counter()
     qcast.calibrate(observed, data, progress=False)
@@ -117,7 +120,7 @@ def child_throughput(world: int, n: int) -> dict:
             import qcast
             torch.set_num_threads(int(os.environ.get("QCAST_BENCH_THREADS", "1")))
             observed = qcast.prepare(_cnn(), next(_batches(1)), qcast.QuantConfig(backend="torch"))
-            data = list(_batches(n))
+            data = list(_batches(n, shape=TP_SHAPE))
             t0 = time.perf_counter()
             qcast.calibrate(observed, data, progress=False)
             s = time.perf_counter() - t0

@@ -50,6 +50,7 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
         config = config.replace(backend=backend)
     backend = config.backend
     from .distributed import group
+    group.ensure_group()  # under torchrun without a process group: initialise one (gloo)
     calls = iter_calls(calibration_data, input_fn, num_batches)
     first = next(calls, None)
     # under torch.distributed each rank passes its own shard (possibly empty): every rank prepares on the same input,

@@ -102,6 +102,7 @@ def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None,
 
     if not isinstance(observed, ObservedModel):
         raise CalibrationError(f"calibrate() needs the model returned by qcast.prepare(), got {type(observed).__name__}")
+    group.ensure_group()  # under torchrun without a process group: initialise one (gloo)
     if checkpoint_every is not None:
         if checkpoint is None or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise CalibrationError(f"checkpoint_every={checkpoint_every!r} needs checkpoint=PATH and a positive int")

@@ -13,6 +13,7 @@ qcast's phases end in ``check_ranks(error)``: every rank reports whether it fail
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -23,6 +24,24 @@ from ..errors import DistributedError
 def _dist():
     import torch.distributed as dist
     return dist
+
+
+def launched_by_torchrun() -> bool:
+    """The environment of a ``torchrun`` (torchelastic) worker of a world of two or more."""
+    env = os.environ
+    return ("TORCHELASTIC_RUN_ID" in env and int(env.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in env
+            and "RANK" in env)
+
+
+def ensure_group() -> None:
+    """Under ``torchrun`` with no process group initialised yet, initialise the default one (gloo, ``env://``), so
+    that ``torchrun --nproc_per_node N script.py`` calling ``qcast.quantize`` on each rank's shard is distributed
+    without a line of ``torch.distributed`` in the script. ``QCAST_DISTRIBUTED=0`` turns this off (each rank then
+    calibrates alone). A group the user initialised is used as it is."""
+    dist = _dist()
+    if (os.environ.get("QCAST_DISTRIBUTED", "1") != "0" and dist.is_available() and not dist.is_initialized()
+            and launched_by_torchrun()):
+        dist.init_process_group("gloo")
 
 
 def active() -> bool:
@@ -169,6 +188,8 @@ def shard(data: Iterable, rank_: int | None = None, world: int | None = None) ->
     """This rank's share of ``data``: items ``rank, rank + world, ...`` (a ``DistributedSampler`` does the same for a
     DataLoader). Every item goes to exactly one rank, so the ranks together see the data once."""
     import itertools
+    if rank_ is None or world is None:
+        ensure_group()  # under torchrun: this rank's place in the group qcast's calls will use
     r = rank() if rank_ is None else rank_
     w = world_size() if world is None else world
     return itertools.islice(iter(data), r, None, w)

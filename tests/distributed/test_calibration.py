@@ -62,6 +62,24 @@ def test_three_ranks_one_of_them_empty_and_a_failing_rank(tmp_path):
         assert kind == "DistributedError" and "rank 2 of 3" in msg and "NaN" in msg, (r, kind, msg)
 
 
+def test_torchrun_without_a_process_group_in_the_script(tmp_path):
+    """``torchrun --nproc_per_node 2`` of a script that never touches torch.distributed: qcast initialises the
+    group (gloo) and the two ranks' strided shards give one process's qparams and outputs."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(root, "tests", "distributed", "_torchrun_script.py"), str(tmp_path)],
+                   check=True, cwd=root, env=env, timeout=600, capture_output=True)
+    ref = reference("default")
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert got["world"] == 2
+        assert_same(ref, got, "torchrun")
+
+
 def test_one_process_group_helpers_are_identities():
     assert not group.active() and group.rank() == 0 and group.world_size() == 1
     t = torch.tensor([1.0, 2.0])
