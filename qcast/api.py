@@ -76,23 +76,23 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
     else:
         from .backends import plans
         if plans.skip_reason(config, backend):  # static variant not wanted or not possible: the plan as configured
-            qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total, example)
+            qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total, example, True)
         elif group.active():  # the static variant holds back a batch, which ranks do not share: per-token, and said
-            qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total, example)
+            qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total, example, True)
             qmodel.qcast_meta.setdefault("backend_choice", {})["plans"] = {
                 "kept": "per-token", "skipped": "distributed calibration: the static-linear plan's held-back batch is "
                                                 "not defined across ranks (docs/scale.md)"}
         else:  # backend="auto", default activations: also try the static-linear plan (qcast.backends.plans)
             if _reiterable(calibration_data):  # a second pass over the data: memory stays bounded
-                qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total)
+                qmodel, _ = quantize_calls(model, first, calls, config, backend, progress, total, None, True)
                 source = lambda: iter_calls(calibration_data, input_fn, num_batches)  # noqa: E731
             else:  # a one-shot iterator (generator): the batches are kept to be run twice (docs/design.md)
                 held = [first, *calls]
-                qmodel, _ = quantize_calls(model, held[0], iter(held[1:]), config, backend, progress, total)
+                qmodel, _ = quantize_calls(model, held[0], iter(held[1:]), config, backend, progress, total, None, True)
                 source = held
             static = config.replace(activation="int8")
             qmodel = plans.choose_plan(model, source, qmodel, lambda cs: quantize_calls(
-                model, next(cs), cs, static, backend, False)[0])
+                model, next(cs), cs, static, backend, False, None, None, True)[0])
     if check_speed:
         from .report.speed import speed_check, warn_if_slower
         # the user's model is only ever run in eval mode (a training-mode BatchNorm would update its statistics)
@@ -106,12 +106,15 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
 
 
 def quantize_calls(model, first, rest, config: QuantConfig, backend: str, progress: bool, total: int | None = None,
-                   example=None):
+                   example=None, discard_observed: bool = False):
     """prepare on ``example`` (default ``first``), calibrate on ``first`` (None: an empty shard) + ``rest``, convert:
-    (qmodel, the calibrated ObservedModel)."""
+    (qmodel, the calibrated ObservedModel). ``discard_observed``: the caller will not use the observed model, so
+    convert turns its graph into the QDQ graph in place (one float copy of the model less at the peak; the observed
+    model returned is then spent)."""
     args, kwargs = example or first
     observed = prepare(model, kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args), config)
     summary = calibrate(observed, _replay(first, rest), progress=progress, total=total)
+    observed.qcast_convert_in_place = discard_observed
     qmodel = convert(observed, backend=backend)
     qmodel.qcast_meta["example_input"] = describe(args, kwargs)
     qmodel.qcast_meta["calibration_summary"] = summary

@@ -19,8 +19,10 @@ from .quantizers import QuantizerPoint, check_output
 VERSION = 1
 
 
-def to_qdq(observed) -> fx.GraphModule:
+def to_qdq(observed, in_place: bool = False) -> fx.GraphModule:
     """Replace each observer by a QDQ point with its params and fake-quantize int8 weights in place.
+    ``in_place``: on ``observed``'s own graph instead of a copy (``quantize`` discards the observed model: one float
+    copy of the model less at the peak, docs/scale.md); the observed model cannot be used afterwards.
 
     The result is the quantized graph: explicit quantize/dequantize points and params, independent of
     who executes it, runnable in float as a simulation of the int8 model.
@@ -52,7 +54,7 @@ def to_qdq(observed) -> fx.GraphModule:
     from .adaround import layer_settings, qmax_of, rounded_weights
     settings = layer_settings(observed.gm, observed.qcast_config)  # module path -> (weight_bits, rounding)
     learned, report = rounded_weights(observed)  # rounding="adaround": learned weights (cached), else {}
-    gm = copy.deepcopy(observed.gm)
+    gm = observed.gm if in_place else copy.deepcopy(observed.gm)
     for node in gm.graph.nodes:
         if "qcast_observes" in node.meta:
             obs = gm.get_submodule(node.target)
@@ -241,7 +243,8 @@ def convert(observed, backend: str | None = None) -> QuantizedModel:
     if backend != "auto" and get_backend(backend).kernels != kernels:  # get_backend: pip command when not installed
         raise UnsupportedError(f"the model was prepared for backend {observed.qcast_config.backend!r}; prepare again "
                                f"with QuantConfig(backend={backend!r})")
-    qdq = to_qdq(observed)
+    # quantize() sets this on the observed model it throws away: its graph becomes the QDQ graph (no float copy)
+    qdq = to_qdq(observed, in_place=getattr(observed, "qcast_convert_in_place", False))
     example = getattr(observed, "qcast_example", None)  # the first calibration batch (calibrate)
     from .distributed import group
     # calibrated under a process group: every rank converts, and backend="auto"'s timing is decided on rank 0
