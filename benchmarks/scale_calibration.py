@@ -181,14 +181,42 @@ def child_transformer(d: int, layers: int, ff: int, tokens: int, n: int) -> dict
     after_model = _rss_mib()
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(1, tokens, d, generator=g) for _ in range(n))
+    import threading
+    phases, stop = [], threading.Event()
+
+    def sample():  # RSS every 50 ms: where in quantize the peak is
+        while not stop.is_set():
+            phases.append((time.perf_counter(), _rss_mib()))
+            time.sleep(0.05)
+
+    import qcast.api as api
+    marks = {}
+    for name in ("prepare", "calibrate", "convert"):
+        real = getattr(api, name)
+
+        def wrapped(*a, _real=real, _name=name, **k):
+            marks[_name + "_start"] = time.perf_counter()
+            out = _real(*a, **k)
+            marks[_name + "_end"] = time.perf_counter()
+            return out
+        setattr(api, name, wrapped)
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
     t0 = time.perf_counter()
     qmodel = qcast.quantize(model, data, backend="torch", progress=False, check_speed=False)
     seconds = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    peaks = {}
+    for ph in ("prepare", "calibrate", "convert"):
+        lo, hi = marks.get(ph + "_start", 0), marks.get(ph + "_end", 0)
+        inside = [r for t, r in phases if lo <= t <= hi]
+        peaks[ph + "_peak_rss_mib"] = max(inside) if inside else None
     int8_mib = sum(t.numel() * t.element_size() for t in _tensors(qmodel)) / 2**20
     return {"params_M": params / 1e6, "float_mib": float_mib, "int8_model_mib": int8_mib, "largest_layer_mib": largest_mib,
             "rss_start_mib": base, "rss_after_model_mib": after_model, "rss_end_mib": _rss_mib(),
             "peak_rss_mib": _peak_mib(), "quantize_s": seconds, "tokens": tokens, "batches": n,
-            "peak_over_float_plus_int8_mib": _peak_mib() - base - float_mib - int8_mib}
+            "peak_over_float_plus_int8_mib": _peak_mib() - base - float_mib - int8_mib, **peaks}
 
 
 def _tensors(qmodel):
@@ -217,6 +245,9 @@ def _tensors(qmodel):
 # ------------------------------------------------------------------------------------------------
 def _run_child(args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # glibc keeps freed blocks below its (growing) mmap threshold in the heap, so RSS would count memory already
+    # freed; a fixed 1 MiB threshold returns every large tensor to the OS when freed: RSS then tracks live memory
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     p = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env,
                        cwd=ROOT)
     if p.returncode:
