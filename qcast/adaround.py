@@ -94,7 +94,9 @@ class InputRows:
     position at once by the layer's own conv geometry): the sample depends on which rows were seen, not on their
     order or on how the batches were split between processes, so ranks that each sample their shard and merge
     (``merge``: the ``cap`` smallest keys of the union) hold the rows one process would (``qcast.distributed``).
-    Rows are kept sorted by key (ties: identical rows in all but astronomically rare cases).
+    Identical rows at different positions or in different batches get different keys (the row's position in its
+    batch and a hash of the batch are mixed in), so duplicates such as zero patches are sampled like any row. Rows are
+    kept sorted by key.
     """
 
     def __init__(self, layer: nn.Module, rows: int = ROWS, seed: int = 0):
@@ -122,7 +124,17 @@ class InputRows:
             conv = F.conv2d if isinstance(layer, nn.Conv2d) else F.conv1d
             proj = conv(x, self._probe, None, layer.stride, layer.padding, layer.dilation, 1)
         h = proj.contiguous().float().flatten().view(torch.int32).long() & 0xFFFFFFFF
-        for mult in (0x9E3779B1, 0x85EBCA77):  # two multiply-xorshift rounds (32-bit)
+        # identical rows (zero patches, padding) at different places must not share a key, or a sample could be all
+        # of them: the row's position in its batch and a hash of the batch (both properties of the batch itself,
+        # not of the order batches come in) are mixed in
+        batch = int(torch.tensor([float(x.sum())], dtype=torch.float32).view(torch.int32)) & 0xFFFFFFFF
+        h = self._mix(h) ^ self._mix(torch.arange(h.numel(), dtype=torch.long) + batch * 0x9E3779B1 & 0xFFFFFFFF)
+        return self._mix(h)
+
+    @staticmethod
+    def _mix(h: torch.Tensor) -> torch.Tensor:
+        """A 32-bit integer hash (two multiply-xorshift rounds) of each int64 holding a 32-bit value."""
+        for mult in (0x9E3779B1, 0x85EBCA77):
             h = ((h ^ (h >> 16)) * mult) & 0xFFFFFFFF
         return h ^ (h >> 15)
 
