@@ -63,10 +63,25 @@ def is_main() -> bool:
     return rank() == 0
 
 
+@contextlib.contextmanager
+def _lost_peer(what: str) -> Iterator[None]:
+    """A collective that fails (gloo: a peer closed the connection, i.e. a rank died or was killed) as a
+    ``DistributedError`` saying which rank saw it and what to look at."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except RuntimeError as e:
+        raise DistributedError(
+            f"rank {rank()} of {world_size()}: the {what} collective failed, another rank most likely died or was "
+            f"killed (see its log; torchrun names the failed rank): {str(e).splitlines()[0] if str(e) else e}") from e
+
+
 def _cpu_op(t: torch.Tensor, fn) -> torch.Tensor:
     """Run collective ``fn`` on a CPU float64/int64 copy (gloo takes CPU tensors), in place on ``t``'s values."""
     buf = t.detach().clone().cpu()
-    fn(buf)
+    with _lost_peer("all-reduce/broadcast"):
+        fn(buf)
     t.copy_(buf.to(t.device))
     return t
 
@@ -124,7 +139,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not active():
         return obj
     box = [obj if rank() == src else None]
-    _dist().broadcast_object_list(box, src=src)
+    with _lost_peer("broadcast"):
+        _dist().broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -133,7 +149,8 @@ def all_gather_object(obj: Any) -> list:
     if not active():
         return [obj]
     out: list = [None] * world_size()
-    _dist().all_gather_object(out, obj)
+    with _lost_peer("all-gather"):
+        _dist().all_gather_object(out, obj)
     return out
 
 
