@@ -52,7 +52,8 @@ def quantize(model: nn.Module, calibration_data: Any, *, config: QuantConfig | d
     from .distributed import group
     group.ensure_group()  # under torchrun without a process group: initialise one (gloo)
     calls = iter_calls(calibration_data, input_fn, num_batches)
-    first = next(calls, None)
+    with group.collective("reading the first calibration batch"):  # a rank whose data is unusable fails every rank
+        first = next(calls, None)
     # under torch.distributed each rank passes its own shard (possibly empty): every rank prepares on the same input,
     # the first batch of the lowest rank that has one
     has = group.all_gather_object(first is not None)

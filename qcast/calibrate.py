@@ -112,7 +112,8 @@ def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None,
                                    "calibrate(..., checkpoint=PATH) calls instead (docs/scale.md)")
     if resume is not None:
         from .calibration_state import CalibrationState, restore_state
-        restore_state(observed, resume if isinstance(resume, CalibrationState) else CalibrationState.load(resume))
+        with group.collective("resuming the calibration state"):  # a rank that cannot read it fails every rank
+            restore_state(observed, resume if isinstance(resume, CalibrationState) else CalibrationState.load(resume))
     carried = forget_carried(observed)  # under a process group only rank 0 keeps an earlier (reduced) state
     total = total or num_batches
     if total is None and hasattr(calibration_data, "__len__") and not isinstance(calibration_data, (torch.Tensor, dict)):
