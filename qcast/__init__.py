@@ -8,11 +8,13 @@ import warnings as _warnings
 from .accuracy import AccuracySearch, SearchStep
 from .api import quantize
 from .calibrate import CalibrationSummary, calibrate
+from .calibration_state import CalibrationState
+from . import distributed
 from .config import QuantConfig
 from .convert import convert
 from .export import export
-from .errors import (CalibrationError, CaptureError, ConfigError, EvalError, FormatError, InputError, NotCalibratedError,
-                     QcastError, UnsupportedError)
+from .errors import (CalibrationError, CaptureError, ConfigError, DistributedError, EvalError, FormatError, InputError,
+                     NotCalibratedError, QcastError, UnsupportedError)
 from .prepare import ObservedModel, prepare
 from .qat import QATModel, prepare_qat, simulate
 from .quantized import OpInfo, QuantizedModel, explain
@@ -34,4 +36,5 @@ __all__ = [
     "OpInfo", "CalibrationSummary", "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
     "NotCalibratedError", "UnsupportedError", "EvalError", "FormatError", "SensitivityReport", "AccuracySearch",
     "SearchStep", "FakeQuantizer", "Grid", "register_quantizer", "Scheme", "SCHEMES", "prepare_qat", "QATModel", "simulate", "__version__",
+    "CalibrationState", "DistributedError", "distributed",
 ]

@@ -87,8 +87,16 @@ class InputRows:
     Rows have shape ``[groups, in_per_group]``: a linear's input vector (``groups = 1``) or a conv's zero-padded
     receptive field at one output position, channel-major like the conv weight, so that the layer's output at that
     position is ``einsum('gc,goc->go', row, W.reshape(groups, out_per_group, -1))``. Every candidate row gets a
-    random key and the ``cap`` smallest keys are kept (priority sampling), so only ``cap`` patches per batch are
-    ever gathered.
+    pseudo-random key and the ``cap`` smallest keys are kept (priority sampling), so only ``cap`` patches per batch
+    are ever gathered.
+
+    The key is a hash of the row's own values (of its projection on a fixed random vector, computed for every
+    position at once by the layer's own conv geometry): the sample depends on which rows were seen, not on their
+    order or on how the batches were split between processes, so ranks that each sample their shard and merge
+    (``merge``: the ``cap`` smallest keys of the union) hold the rows one process would (``qcast.distributed``).
+    Identical rows at different positions or in different batches get different keys (the row's position in its
+    batch and a hash of the batch are mixed in), so duplicates such as zero patches are sampled like any row. Rows are
+    kept sorted by key.
     """
 
     def __init__(self, layer: nn.Module, rows: int = ROWS, seed: int = 0):
@@ -96,27 +104,78 @@ class InputRows:
         self.groups = 1 if isinstance(layer, nn.Linear) else layer.groups
         width = layer.weight[0].numel() * self.groups
         self.cap = max(1, min(rows, ROW_BYTES // (4 * width)))
-        self.gen = torch.Generator().manual_seed(seed)
-        self.keys = torch.empty(0)
+        self.seed = seed
+        self.keys = torch.empty(0, dtype=torch.long)
         self.rows: torch.Tensor | None = None
         self.count = 0  # candidate rows seen
+        self._probe: torch.Tensor | None = None
+
+    def _hash_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """One int64 key per candidate row (same order as ``_positions``): a mixing hash of the float32 bits of the
+        row's projection on a fixed random vector (``seed``: the layer's index)."""
+        layer = self.layer
+        if self._probe is None:
+            gen = torch.Generator().manual_seed(1000 + self.seed)
+            shape = (layer.in_features,) if isinstance(layer, nn.Linear) else (1, layer.in_channels, *layer.kernel_size)
+            self._probe = torch.rand(shape, generator=gen) + 0.5
+        if isinstance(layer, nn.Linear):
+            proj = x.reshape(-1, x.shape[-1]) @ self._probe
+        else:
+            conv = F.conv2d if isinstance(layer, nn.Conv2d) else F.conv1d
+            proj = conv(x, self._probe, None, layer.stride, layer.padding, layer.dilation, 1)
+        h = proj.contiguous().float().flatten().view(torch.int32).long() & 0xFFFFFFFF
+        # identical rows (zero patches, padding) at different places must not share a key, or a sample could be all
+        # of them: the row's position in its batch and a hash of the batch (both properties of the batch itself,
+        # not of the order batches come in) are mixed in
+        batch = int(torch.tensor([float(x.sum())], dtype=torch.float32).view(torch.int32)) & 0xFFFFFFFF
+        h = self._mix(h) ^ self._mix(torch.arange(h.numel(), dtype=torch.long) + batch * 0x9E3779B1 & 0xFFFFFFFF)
+        return self._mix(h)
+
+    @staticmethod
+    def _mix(h: torch.Tensor) -> torch.Tensor:
+        """A 32-bit integer hash (two multiply-xorshift rounds) of each int64 holding a 32-bit value."""
+        for mult in (0x9E3779B1, 0x85EBCA77):
+            h = ((h ^ (h >> 16)) * mult) & 0xFFFFFFFF
+        return h ^ (h >> 15)
 
     def update(self, x: torch.Tensor) -> None:
         if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
             return
         x = x.detach().float()
         n = self._positions(x)
-        keys = torch.rand(n, generator=self.gen)
+        keys = self._hash_keys(x)
         k = min(self.cap, n)
-        keys, idx = torch.topk(keys, k, largest=False)
+        keys, idx = torch.sort(keys, stable=True)
+        keys, idx = keys[:k], idx[:k]
         rows = self._gather(x, idx)
         self.count += n
+        self._keep(keys, rows)
+
+    def _keep(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         if self.rows is not None:
             keys, rows = torch.cat([self.keys, keys]), torch.cat([self.rows, rows])
-            if len(keys) > self.cap:
-                keys, keep = torch.topk(keys, self.cap, largest=False)
-                rows = rows[keep]
-        self.keys, self.rows = keys, rows.contiguous()
+        order = torch.sort(keys, stable=True).indices[:self.cap]
+        self.keys, self.rows = keys[order], rows[order].contiguous()
+
+    def merge(self, parts: list[tuple[torch.Tensor, torch.Tensor | None, int]]) -> None:
+        """Replace the sample by that of the union of ``parts`` (each rank's ``(keys, rows, count)``, in rank order)."""
+        self.keys, self.rows, self.count = torch.empty(0, dtype=torch.long), None, 0
+        for keys, rows, count in parts:
+            self.count += count
+            if rows is not None:
+                self._keep(keys, rows)
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """At most ``cap`` rows and keys: fixed size whatever the number of batches (checkpoints, ranks)."""
+        return {"count": self.count}, ({"keys": self.keys, "rows": self.rows} if self.rows is not None else {})
+
+    def load_state(self, values: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.count = int(values["count"])
+        self.keys = tensors["keys"].clone() if "keys" in tensors else torch.empty(0, dtype=torch.long)
+        self.rows = tensors["rows"].clone() if "rows" in tensors else None
+
+    def reset(self) -> None:
+        self.keys, self.rows, self.count = torch.empty(0, dtype=torch.long), None, 0
 
     def _geometry(self, x: torch.Tensor):
         layer = self.layer

@@ -84,50 +84,105 @@ def _call(observed, i: int, args: tuple, kwargs: dict) -> None:
 
 
 def calibrate(observed, calibration_data: Any, input_fn: Callable | None = None, num_batches: int | None = None,
-              progress: bool = True, total: int | None = None) -> CalibrationSummary:
-    """Run ``calibration_data`` through ``observed`` (from ``prepare``); returns and stores a summary."""
+              progress: bool = True, total: int | None = None, *, resume=None, checkpoint=None,
+              checkpoint_every: int | None = None) -> CalibrationSummary:
+    """Run ``calibration_data`` through ``observed`` (from ``prepare``); returns and stores a summary.
+
+    Under an initialised ``torch.distributed`` process group (torchrun, Slurm) this is a collective: each rank passes
+    its own shard, the statistics are reduced across ranks and every rank ends with what one process calibrated on
+    the union would hold (``qcast.distributed``, docs/scale.md). Rank 0 shows the progress of the whole job.
+
+    ``resume``: a path (or ``CalibrationState``) saved by an earlier ``checkpoint=``: loaded into this freshly
+    prepared model before ``calibration_data`` (the batches not yet seen) is run. ``checkpoint``: a path the state is
+    written to when calibration ends (by rank 0 under a process group), and in a single process also every
+    ``checkpoint_every`` batches (``qcast.calibration_state``)."""
+    from .distributed import group
+    from .distributed.calibration import forget_carried, progress_total, reduce_observed
     from .prepare import ObservedModel
 
     if not isinstance(observed, ObservedModel):
         raise CalibrationError(f"calibrate() needs the model returned by qcast.prepare(), got {type(observed).__name__}")
+    group.ensure_group()  # under torchrun without a process group: initialise one (gloo)
+    if checkpoint_every is not None:
+        if checkpoint is None or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise CalibrationError(f"checkpoint_every={checkpoint_every!r} needs checkpoint=PATH and a positive int")
+        if group.active():
+            raise CalibrationError("checkpoint_every= is for a single process: under a process group the ranks' "
+                                   "statistics are reduced once, when calibrate() ends; split the data into several "
+                                   "calibrate(..., checkpoint=PATH) calls instead (docs/scale.md)")
+    if resume is not None:
+        from .calibration_state import CalibrationState, restore_state
+        with group.collective("resuming the calibration state"):  # a rank that cannot read it fails every rank
+            restore_state(observed, resume if isinstance(resume, CalibrationState) else CalibrationState.load(resume))
+    carried = forget_carried(observed)  # under a process group only rank 0 keeps an earlier (reduced) state
     total = total or num_batches
     if total is None and hasattr(calibration_data, "__len__") and not isinstance(calibration_data, (torch.Tensor, dict)):
         total = len(calibration_data)
+    total = progress_total(total)  # the whole job's (collective)
+    show = progress and group.is_main()
     from .smooth import migrate, unresolved
     if unresolved(observed):  # QuantConfig(smoothquant=...): a first pass over the data picks the scales
         calls = list(iter_calls(calibration_data, input_fn, num_batches))  # materialized: the data is run twice
-        migrate(observed, calls, lambda i, a, k: _call(observed, i, a, k), progress)
+        migrate(observed, calls, lambda i, a, k: _call(observed, i, a, k), show)
         calibration_data, input_fn, num_batches = [k or a for a, k in calls], None, None
-        total = total or len(calls)
-    bar = _progress(total, progress)
+    bar = _progress(total, show)
+    step = group.world_size()  # rank 0's bar advances for every rank (shards of even size), corrected at the end
+    if bar is not None and step > 1:
+        bar.set_description(f"qcast calibrate ({step} ranks)")
     seen = 0
     hooks = _collect_input_means(observed) if observed.qcast_config.bias_correction else []
     from .adaround import collect_inputs
     hooks += collect_inputs(observed)  # rounding="adaround": each layer's input rows (none otherwise)
-    observed.qcast_progress = progress  # convert() runs AdaRound with the same progress setting
+    observed.qcast_progress = show  # convert() runs AdaRound with the same progress setting
+    example = None
     try:
-        with torch.no_grad():
+        with group.collective("calibration"), torch.no_grad():
             for i, (args, kwargs) in enumerate(iter_calls(calibration_data, input_fn, num_batches)):
                 _call(observed, i, args, kwargs)
                 if i == 0:  # backend="auto" checks and times the backends on a real input (convert)
-                    observed.qcast_example = (args, kwargs)
+                    example = (args, kwargs)
                 seen += 1
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(min(step, bar.total - bar.n) if bar.total else step)
+                if checkpoint_every and seen % checkpoint_every == 0:
+                    _write_checkpoint(observed, checkpoint, seen)
     finally:
         for h in hooks:
             h.remove()
+    try:
+        counts = group.all_gather_object(seen)
+        total_seen = sum(counts)
+        if total_seen == 0:
+            raise CalibrationError("calibration_data yielded no batches" + (" on any rank" if len(counts) > 1 else "")
+                                   + ": pass at least one input (e.g. 8-32 representative batches); a consumed "
+                                   "generator yields nothing the second time")
+        src = next(r for r, c in enumerate(counts) if c)
+        example = group.broadcast_object(example, src)  # every rank checks and times backends on the same input
+        if example is not None:
+            observed.qcast_example = example
+        reduce_observed(observed, carried)
+        if bar is not None:  # the whole job's count, now known
+            bar.n = total_seen
+            bar.refresh()
+    finally:
         if bar is not None:
             bar.close()
-    if seen == 0:
-        raise CalibrationError("calibration_data yielded no batches: pass at least one input (e.g. 8-32 "
-                               "representative batches); a consumed generator yields nothing the second time")
     rows = []
     for _, obs in observed.observers():
         if obs.calibrated and obs.estimator != "fixed":
             lo, hi = obs.clip_range()
             rows.append(RangeRow(obs.name, obs.estimator, obs.min_val, obs.max_val, lo, hi))
     prev = observed.qcast_summary.batches if observed.qcast_summary else 0
-    summary = CalibrationSummary(batches=prev + seen, ranges=tuple(rows))
+    summary = CalibrationSummary(batches=prev + total_seen, ranges=tuple(rows))
     observed.qcast_summary = summary
+    if checkpoint is not None and group.is_main():
+        observed.calibration_state().save(checkpoint)
     return summary
+
+
+def _write_checkpoint(observed, path, seen: int) -> None:
+    """The state after ``seen`` more batches (single process), written atomically."""
+    from .calibration_state import capture_state
+    prev = observed.qcast_summary.batches if observed.qcast_summary else 0
+    state = capture_state(observed)
+    type(state)(prev + seen, state.fingerprint, state.entries).save(path)

@@ -19,8 +19,10 @@ from .quantizers import QuantizerPoint, check_output
 VERSION = 1
 
 
-def to_qdq(observed) -> fx.GraphModule:
+def to_qdq(observed, in_place: bool = False) -> fx.GraphModule:
     """Replace each observer by a QDQ point with its params and fake-quantize int8 weights in place.
+    ``in_place``: on ``observed``'s own graph instead of a copy (``quantize`` discards the observed model: one float
+    copy of the model less at the peak, docs/scale.md); the observed model cannot be used afterwards.
 
     The result is the quantized graph: explicit quantize/dequantize points and params, independent of
     who executes it, runnable in float as a simulation of the int8 model.
@@ -52,7 +54,7 @@ def to_qdq(observed) -> fx.GraphModule:
     from .adaround import layer_settings, qmax_of, rounded_weights
     settings = layer_settings(observed.gm, observed.qcast_config)  # module path -> (weight_bits, rounding)
     learned, report = rounded_weights(observed)  # rounding="adaround": learned weights (cached), else {}
-    gm = copy.deepcopy(observed.gm)
+    gm = observed.gm if in_place else copy.deepcopy(observed.gm)
     for node in gm.graph.nodes:
         if "qcast_observes" in node.meta:
             obs = gm.get_submodule(node.target)
@@ -244,9 +246,13 @@ def convert(observed, backend: str | None = None) -> QuantizedModel:
     if backend != "auto" and get_backend(backend).kernels != kernels:  # get_backend: pip command when not installed
         raise UnsupportedError(f"the model was prepared for backend {observed.qcast_config.backend!r}; prepare again "
                                f"with QuantConfig(backend={backend!r})")
-    qdq = to_qdq(observed)
+    # quantize() sets this on the observed model it throws away: its graph becomes the QDQ graph (no float copy)
+    qdq = to_qdq(observed, in_place=getattr(observed, "qcast_convert_in_place", False))
     example = getattr(observed, "qcast_example", None)  # the first calibration batch (calibrate)
-    gm, rows, backend, choice = lower(qdq, observed.qcast_config, observed.qcast_opaque, backend, example)
+    from .distributed import group
+    # calibrated under a process group: every rank converts, and backend="auto"'s timing is decided on rank 0
+    gm, rows, backend, choice = lower(qdq, observed.qcast_config, observed.qcast_opaque, backend, example,
+                                      collective=group.active())
     meta = {
         "version": VERSION,
         "backend": backend,
@@ -265,7 +271,8 @@ def convert(observed, backend: str | None = None) -> QuantizedModel:
     return QuantizedModel(gm, rows, meta, qdq)
 
 
-def lower(qdq: fx.GraphModule, config, opaque: dict[str, str], backend: str, example: tuple | None = None):
+def lower(qdq: fx.GraphModule, config, opaque: dict[str, str], backend: str, example: tuple | None = None,
+          collective: bool = False):
     """``(lowered module, explain rows, backend name, auto's choice or None)``: the QDQ graph lowered for ``backend``
     (``"auto"``: every installed backend checked and timed on ``example``, default: inputs shaped like the graph's).
     What ``convert`` and ``load`` share."""
@@ -273,14 +280,26 @@ def lower(qdq: fx.GraphModule, config, opaque: dict[str, str], backend: str, exa
 
     from .backends import regions
 
+    from .distributed import group
+
     example = example or example_call(qdq)
     choice = None
     if backend == "auto":
         from .backends.onnxruntime.export import shared_export
-        with shared_export():  # ONNX Runtime and OpenVINO start from one ONNX export of the graph
-            backend, gm, tried = choose(qdq, lambda b: lower_for(b, qdq, config), kernel_table(config.backend),
-                                        example)
-        choice = {"input": describe(*example), "candidates": [c.to_dict() for c in tried]}
+
+        def decide():
+            with shared_export():  # ONNX Runtime and OpenVINO start from one ONNX export of the graph
+                name, module, tried = choose(qdq, lambda b: lower_for(b, qdq, config), kernel_table(config.backend),
+                                             example)
+            decide.module = module
+            return name, [c.to_dict() for c in tried]
+
+        # timing differs from rank to rank: under a process group (collective=True) rank 0 decides for every rank
+        backend, tried = group.decide_on_main(decide) if collective else decide()
+        gm = getattr(decide, "module", None) or lower_for(get_backend(backend), qdq, config)
+        choice = {"input": describe(*example), "candidates": tried}
+        if collective and group.active():
+            choice["decided_by"] = f"rank 0 of {group.world_size()}"
     else:
         gm = lower_for(get_backend(backend), qdq, config)
     if regions.is_split(gm):

@@ -59,7 +59,12 @@ class FormatError(QcastError):
     """A saved qcast file is unreadable: truncated, tampered, newer version, or missing its float model."""
 
 
+class DistributedError(QcastError, RuntimeError):
+    """A rank of a ``torch.distributed`` job failed during a collective qcast phase (calibration, a reduction, a
+    decision made on rank 0): the message names the rank(s) and their errors (``qcast.distributed``)."""
+
+
 __all__ = [
     "WHERE_IT_RUNS", "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
-    "NotCalibratedError", "UnsupportedError", "EvalError", "FormatError",
+    "NotCalibratedError", "UnsupportedError", "EvalError", "FormatError", "DistributedError",
 ]

@@ -114,6 +114,21 @@ class Observer(nn.Module):
     def update(self, x: torch.Tensor, lo: float, hi: float) -> None:  # estimator-specific statistics
         pass
 
+    # -- calibration state: what a checkpoint saves and what ranks exchange (qcast.distributed.calibration) --------
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(plain values, tensors)``: everything ``clip_range()`` depends on, of a fixed size whatever the number
+        of batches seen (a checkpoint, ``qcast.calibrate(..., checkpoint=)``, stores it)."""
+        return {"estimator": self.estimator, "batches": self.batches, "min": self.min_val, "max": self.max_val}, {}
+
+    def load_state(self, values: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.batches, self.min_val, self.max_val = int(values["batches"]), float(values["min"]), float(values["max"])
+        self.__dict__.pop("_clip_cache", None)
+
+    def reset(self) -> None:
+        """Forget everything seen (a fresh observer)."""
+        self.batches, self.min_val, self.max_val = 0, math.inf, -math.inf
+        self.__dict__.pop("_clip_cache", None)
+
     @property
     def calibrated(self) -> bool:
         return self.batches > 0
@@ -156,15 +171,23 @@ class MinMaxObserver(Observer):
 
 @register_estimator("ema")
 class EMAObserver(Observer):
+    """Exponential moving average of per-batch min / max. Order-dependent by definition: across ranks
+    (``qcast.distributed``) the union is defined as the batches in rank order (rank 0's shard, then rank 1's, ...),
+    which ``combine`` computes from each rank's ``(ema, batches, first batch's range)``: equal to one process running
+    the shards concatenated in rank order up to float64 rounding (not bit for bit); use ``minmax`` / ``mse`` / ``kl``
+    / ``percentile`` when the qparams must be identical whatever the number of ranks."""
+
     momentum = 0.1
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.ema = None
+        self.first = None
 
     def update(self, x, lo, hi):
         if self.ema is None:
             self.ema = (lo, hi)
+            self.first = (lo, hi)
         else:
             m = self.momentum
             self.ema = (self.ema[0] * (1 - m) + lo * m, self.ema[1] * (1 - m) + hi * m)
@@ -172,40 +195,131 @@ class EMAObserver(Observer):
     def clip_range(self):
         return self.ema
 
+    def state(self):
+        values, tensors = super().state()
+        return {**values, "ema": list(self.ema) if self.ema else None,
+                "first": list(self.first) if self.first else None}, tensors
+
+    def load_state(self, values, tensors):
+        super().load_state(values, tensors)
+        self.ema = tuple(values["ema"]) if values.get("ema") else None
+        self.first = tuple(values["first"]) if values.get("first") else None
+
+    def reset(self):
+        super().reset()
+        self.ema = self.first = None
+
+    @classmethod
+    def combine(cls, parts: list[tuple]) -> tuple:
+        """``(ema, batches, first)`` of the concatenation of ``parts`` (each ``(ema, batches, first)``, in order):
+        appending ``n`` batches whose own EMA is ``e`` (started at their first range ``f``) to a running EMA ``E``
+        gives ``(1 - m)^n E + e - (1 - m)^n f``."""
+        ema, total, first = None, 0, None
+        for e, n, f in parts:
+            if not n:
+                continue
+            if ema is None:
+                ema, first = tuple(e), tuple(f)
+            else:
+                d = (1 - cls.momentum) ** n
+                ema = tuple(d * E + x - d * y for E, x, y in zip(ema, e, f))
+            total += n
+        return ema, total, first
+
 
 class HistogramObserver(Observer):
-    """Keeps a histogram over the running [min, max]; when the range grows, old counts are re-binned."""
+    """Counts on a grid of power-of-two bin width aligned to multiples of that width, so that the histogram is the
+    same whatever order (or split across processes) the values come in.
 
-    bins = BINS
+    The grid for a seen range ``[lo, hi]`` is ``grid(lo, hi)``: the finest width ``w = 2^k`` whose aligned window of
+    ``bins`` bins, starting at bin ``floor(lo / w)``, holds ``hi`` (and not finer than ``2^-40`` of ``max |x|``,
+    which keeps bin indices within int64). Each value counts in bin ``floor(x / w)`` (exact: ``w`` is a power of
+    two); when the range grows the width doubles as often as needed and old counts move to bin
+    ``floor(i / 2^d)``, which is exactly where those values would have been counted on the new grid. So the counts
+    depend only on the values seen, not on their order: two processes that each histogram half of the data and
+    merge (``regrid`` to the grid of the union's range, then add) hold the very counts one process would, and the
+    clip-range search gives the same qparams (``qcast.distributed``). The data spans between half and all of the
+    window, hence twice the bins a histogram over exactly ``[min, max]`` would need for the same resolution.
+    (Before issue 14 the grid was ``[min, max]`` of the batches seen so far, re-binned by bin centres: order-dependent.)
+    """
+
+    bins = 2 * BINS
+    #: bin width floor relative to max |x| (``2^-RELATIVE_FLOOR``), and absolute floor (``2^K_MIN``)
+    RELATIVE_FLOOR, K_MIN = 40, -140
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.register_buffer("hist", torch.zeros(self.bins, dtype=torch.float64), persistent=False)
-        self.h_lo, self.h_hi = 0.0, 0.0
+        self.k: int | None = None  # bin width 2^k
+        self.start = 0  # global index of the window's first bin: the window is [start, start + bins) * 2^k
+
+    @property
+    def h_lo(self) -> float:
+        return 0.0 if self.k is None else math.ldexp(self.start, self.k)
+
+    @property
+    def h_hi(self) -> float:
+        return 0.0 if self.k is None else math.ldexp(self.start + self.bins, self.k)
+
+    def grid(self, lo: float, hi: float) -> tuple[int, int]:
+        """``(k, start)`` of the grid for the range ``[lo, hi]``: monotone in the range (a wider range never gets a
+        finer grid), so every rank can move its counts to the grid of the union's range."""
+        m = max(abs(lo), abs(hi), math.ldexp(1.0, self.K_MIN))
+        k = max(math.frexp(m)[1] - 1 - self.RELATIVE_FLOOR, self.K_MIN)
+        if hi > lo:  # every width below this one spans the range in more than 2 * bins bins: start the search here
+            k = max(k, math.floor(math.log2((hi - lo) / self.bins)) - 1)
+        while math.floor(math.ldexp(hi, -k)) - math.floor(math.ldexp(lo, -k)) > self.bins - 1:
+            k += 1
+        return k, math.floor(math.ldexp(lo, -k))
+
+    def regrid(self, k: int, start: int) -> None:
+        """Move the counts to the coarser (or equal) grid ``(k, start)``, exactly (``floor(i / 2^d)``)."""
+        if self.k is None:
+            self.k, self.start = k, start
+            return
+        if (k, start) == (self.k, self.start):
+            return
+        d = min(k - self.k, 62)
+        if d < 0:
+            raise ValueError(f"{self.name}: cannot regrid a histogram to a finer grid (2^{self.k} -> 2^{k})")
+        idx = torch.div(self.start + torch.arange(self.bins, dtype=torch.long), 2 ** d, rounding_mode="floor") - start
+        if bool((idx < 0).any() or (idx >= self.bins).any()):
+            keep = self.hist[(idx < 0) | (idx >= self.bins)]
+            if bool((keep != 0).any()):
+                raise ValueError(f"{self.name}: the grid (2^{k}, start {start}) does not hold the values seen")
+            idx = idx.clamp(0, self.bins - 1)
+        out = torch.zeros(self.bins, dtype=torch.float64)
+        out.index_add_(0, idx, self.hist)
+        self.hist, self.k, self.start = out, k, start
 
     def update(self, x, lo, hi):
-        new_lo, new_hi = min(lo, self.h_lo if self.batches else lo), max(hi, self.h_hi if self.batches else hi)
-        if new_hi - new_lo < 1e-12:
-            new_hi = new_lo + 1e-6
-        if self.batches and (new_lo < self.h_lo or new_hi > self.h_hi):
-            self.hist = self._rebin(self.hist, self.h_lo, self.h_hi, new_lo, new_hi)
-        self.h_lo, self.h_hi = new_lo, new_hi
-        h = torch.histc(x.float().flatten(), bins=self.bins, min=new_lo, max=new_hi)
-        self.hist += h.double()
+        new_lo, new_hi = min(lo, self.min_val), max(hi, self.max_val)
+        self.regrid(*self.grid(new_lo, new_hi))
+        # float32 times a power of two is exact (|x| / 2^k <= 2^41 by the grid's floor: no overflow), so is floor
+        # (2^-k itself must be a float32: tensors of magnitude below ~2^-60 take the float64 path)
+        xs = x.float().flatten() if self.k > -100 else x.double().flatten()
+        idx = torch.floor(xs * math.ldexp(1.0, -self.k)).long() - self.start
+        self.hist += torch.bincount(idx, minlength=self.bins).double()
 
-    @staticmethod
-    def _rebin(hist, lo, hi, new_lo, new_hi):
-        bins = hist.numel()
-        width = (hi - lo) / bins
-        centers = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * width
-        idx = ((centers - new_lo) / (new_hi - new_lo) * bins).long().clamp(0, bins - 1)
-        out = torch.zeros(bins, dtype=torch.float64)
-        out.index_add_(0, idx, hist)
-        return out
+    def state(self):
+        values, tensors = super().state()
+        return {**values, "k": self.k, "start": self.start, "bins": self.bins}, {"hist": self.hist}
+
+    def load_state(self, values, tensors):
+        super().load_state(values, tensors)
+        if int(values["bins"]) != self.bins:
+            raise ValueError(f"{self.name}: a histogram of {values['bins']} bins cannot resume one of {self.bins}")
+        self.k = None if values["k"] is None else int(values["k"])
+        self.start = int(values["start"])
+        self.hist = tensors["hist"].to(torch.float64).clone()
+
+    def reset(self):
+        super().reset()
+        self.hist = torch.zeros(self.bins, dtype=torch.float64)
+        self.k, self.start = None, 0
 
     def _centers(self):
-        width = (self.h_hi - self.h_lo) / self.bins
-        return self.h_lo + (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
+        return (self.start + torch.arange(self.bins, dtype=torch.float64) + 0.5) * math.ldexp(1.0, self.k)
 
     def clip_range(self):
         """``_search()``'s range, computed once per amount of data seen (searches cost up to ~0.1 s, and the
@@ -230,8 +344,8 @@ class PercentileObserver(HistogramObserver):
         centers = self._centers()
         lo_idx = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=torch.float64)))
         hi_idx = int(torch.searchsorted(cdf, torch.tensor(total - tail, dtype=torch.float64)))
-        lo = float(centers[min(lo_idx, BINS - 1)]) if self.min_val < 0 else 0.0
-        hi = float(centers[min(hi_idx, BINS - 1)])
+        lo = float(centers[min(lo_idx, self.bins - 1)]) if self.min_val < 0 else 0.0
+        hi = float(centers[min(hi_idx, self.bins - 1)])
         return max(lo, self.min_val), min(hi, self.max_val)
 
 
@@ -282,7 +396,7 @@ class KLObserver(HistogramObserver):
     ``MIN_SAMPLES`` values, or a histogram too narrow to search, keep the full range.
     """
 
-    bins = 2 * BINS
+    bins = 4 * BINS  # twice the resolution of the other histograms (the aligned grid's window: HistogramObserver)
     candidates = 256
     MIN_SAMPLES = 512
 
@@ -431,6 +545,20 @@ class ChannelMean:
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.count, 1)
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Fixed-size state (one float64 per channel), for checkpoints and the reduction across ranks."""
+        return ({"channel_dim": self.channel_dim, "count": self.count,
+                 "spatial": list(self.spatial) if self.spatial is not None else None},
+                {"sum": self.sum} if self.sum is not None else {})
+
+    def load_state(self, values: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.count = int(values["count"])
+        self.spatial = tuple(values["spatial"]) if values.get("spatial") is not None else None
+        self.sum = tensors["sum"].to(torch.float64).clone() if "sum" in tensors else None
+
+    def reset(self) -> None:
+        self.sum, self.count, self.spatial = None, 0, None
 
 
 def bias_shift(layer: nn.Module, w: torch.Tensor, w_q: torch.Tensor, stats: ChannelMean) -> torch.Tensor:

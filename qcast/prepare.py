@@ -41,6 +41,12 @@ class ObservedModel(nn.Module):
     def observers(self) -> list[tuple[str, Observer]]:
         return [(n, m) for n, m in self.gm.named_children() if isinstance(m, Observer)]
 
+    def calibration_state(self):
+        """What calibration has accumulated so far (a ``CalibrationState``: ``.save(path)``; resumed by
+        ``qcast.calibrate(observed, rest, resume=path)``), of a size independent of the number of batches."""
+        from .calibration_state import capture_state
+        return capture_state(self)
+
 
 def as_config(config: Any) -> QuantConfig:
     if config is None:

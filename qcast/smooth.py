@@ -201,18 +201,21 @@ def migrate(observed, calls: list, run: Callable[[int, tuple, dict], None], prog
     their ``Smooth`` node. The result is stored on ``observed.gm.meta['qcast_smoothquant']``."""
     from .observers import observers_bypassed
 
+    from .distributed import group
+
     pending = unresolved(observed)
-    if not pending or not calls:
+    if not pending or (not calls and not group.active()):  # under a process group a rank with no data still reduces
         return observed.gm.meta.get("qcast_smoothquant", SmoothQuant())
     bar = None
-    if progress:
+    if progress and group.is_main():
         try:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(calls), desc="qcast smoothquant", unit="batch", leave=False, file=sys.stderr)
         except ImportError:
             bar = None
     try:
-        with torch.no_grad(), observers_bypassed(), _recording([m for _, m in pending]):
+        with group.collective("SmoothQuant's first calibration pass"), torch.no_grad(), observers_bypassed(), \
+                _recording([m for _, m in pending]):
             for i, (args, kwargs) in enumerate(calls):
                 run(i, args, kwargs)
                 if bar is not None:
@@ -220,6 +223,9 @@ def migrate(observed, calls: list, run: Callable[[int, tuple, dict], None], prog
     finally:
         if bar is not None:
             bar.close()
+    # under torch.distributed: each channel's max over every rank's shard, as one process would have recorded it
+    for (_, sm), absmax in zip(pending, group.all_reduce_optional([sm.absmax for _, sm in pending], "max")):
+        sm.absmax = absmax
     gm = observed.gm
     rows = []
     # linears reading the same tensor (a transformer's query/key/value) get one joint scale, the SmoothQuant paper's

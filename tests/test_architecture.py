@@ -19,11 +19,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "qcast"
 LAYERS = [
     ("core", ["qcast.errors", "qcast.config", "qcast.data", "qcast.timing", "qcast.nn", "qcast.smooth",
               "qcast.observers", "qcast.schemes", "qcast.quantizers", "qcast.quantized", "qcast.capture",
-              "qcast.capture_export"]),
+              "qcast.capture_export", "qcast.distributed"]),
     ("passes", ["qcast.passes"]),
     ("backends", ["qcast.backends"]),
     ("pipeline", ["qcast.plan", "qcast.prepare", "qcast.calibrate", "qcast.convert", "qcast.adaround",
-                  "qcast.accuracy", "qcast.qat"]),
+                  "qcast.accuracy", "qcast.qat", "qcast.calibration_state",
+                  "qcast.distributed.calibration"]),
     ("outputs", ["qcast.report", "qcast.serialize", "qcast.export"]),
     ("interface", ["qcast.api", "qcast.cli", "qcast.demo", "qcast.demo_data", "qcast.__main__", "qcast"]),
 ]

@@ -68,7 +68,9 @@ class PlanVariant:
 
 def skip_reason(config, backend: str) -> str:
     """Why no static variant is built for this request (cheap: no model run), or ``""`` when it is worth building.
-    When it is, ``quantize`` keeps the calibration batches in memory (a list) to calibrate the second plan on them."""
+    When it is, ``quantize`` makes a second pass over re-iterable data (a list, a DataLoader: ``iter(data)`` is not
+    ``data``) to calibrate the second plan, and keeps the batches in memory (a list) only for a one-shot iterator (a
+    generator), which cannot be read twice."""
     if backend != "auto":
         return f"backend={backend!r}, not 'auto'"
     if config.activation != "auto" or any("activation" in over for over in config.per_layer.values()):
@@ -207,13 +209,40 @@ def token_sqnr_metric(float_model: nn.Module, calls: list[tuple[tuple, dict]]) -
     return metric
 
 
-def choose_plan(model: nn.Module, calls: list[tuple[tuple, dict]], per_token, build_static: Callable,
-                timer=None):
-    """The kept QuantizedModel: ``per_token`` (built on every call), the static plan, or the mixed plan;
-    ``build_static(calls, per_token_names=())`` builds ``(qmodel, observed)`` of the static plan (with those linears
-    per-token: the mixed plan) on all calls but the last, which every plan is measured on. The decision goes into the
-    kept model's ``qcast_meta["backend_choice"]["plans"]`` (with ``"kept"`` and ``"extra_s"``, the time the other
-    variants cost)."""
+class _AllButLast:
+    """Iterates every call of ``it`` but the last, which ``held()`` returns: the static plan calibrates on a second
+    pass over the data while holding one batch, not the data set."""
+
+    _END = object()
+
+    def __init__(self, it, first):
+        self.it, self.prev, self.last = it, first, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        nxt = next(self.it, self._END)
+        if nxt is self._END:
+            self.last = self.prev
+            raise StopIteration
+        out, self.prev = self.prev, nxt
+        return out
+
+    def held(self):
+        for _ in self:  # a static build that failed half-way: the rest of the pass, to reach the last call
+            pass
+        return self.last
+
+
+def choose_plan(model: nn.Module, calls, per_token, build_static: Callable, timer=None):
+    """The kept QuantizedModel: ``per_token`` (built on every call), the static plan, or the mixed plan.
+    ``build_static(iterator, per_token_names=())`` builds ``(qmodel, observed)`` of the static plan (with those
+    linears per-token: the mixed plan) on all calls but the last, which every plan is measured on. ``calls``: a list of
+    ``(args, kwargs)`` or a function returning a fresh iterator over them (each build is a pass over re-iterable data:
+    nothing is held in memory but the held-back batch and the ``MIXED_BATCHES`` the mixed plan's ranking runs on).
+    The decision goes into the kept model's ``qcast_meta["backend_choice"]["plans"]`` (with ``"kept"`` and
+    ``"extra_s"``, the time the other variants cost)."""
     from ..timing import time_interleaved
     from .context import dynamic_linears
 
@@ -222,42 +251,62 @@ def choose_plan(model: nn.Module, calls: list[tuple[tuple, dict]], per_token, bu
     if per_token.qcast_qdq is None or not dynamic_linears(per_token.qcast_qdq):
         choice["plans"] = {"kept": "per-token", "skipped": "no per-token dynamic linears in the plan"}
         return per_token
-    if len(calls) < 2:
+    stream = calls() if callable(calls) else iter(calls)
+    first, second = next(stream, None), next(stream, None)
+    if second is None:
         choice["plans"] = {"kept": "per-token", "skipped": "one calibration batch: none to hold back for measuring the "
                                                           "static plan's fidelity; pass two or more"}
         return per_token
     t0 = time.perf_counter()
     float_model = copy.deepcopy(model).eval() if model.training else model
-    held = calls[-1:]
+    import itertools
+    rest = _AllButLast(stream, second)
     variants = {"per-token": per_token}
     rejected = {}
-    scores = {"per-token": fidelity(float_model, per_token, held)}
-    need = floor(scores["per-token"][0])
+    ranking: list = []  # the first MIXED_BATCHES calls of the first pass: what the mixed plan's ranking runs on
     observed = None
 
-    def build(name: str, *linears: str):
+    def first_pass():
+        for call in itertools.chain([first], rest):
+            if len(ranking) < MIXED_BATCHES:
+                ranking.append(call)
+            yield call
+
+    def another_pass():
+        if not callable(calls):
+            return iter(list(calls)[:-1])
+        again = calls()
+        return _AllButLast(again, next(again))
+
+    def build(name: str, iterator, *linears: str):
         nonlocal observed
         try:
             with warnings.catch_warnings():  # the plan's own warnings (e.g. auto keeping torch): its fidelity judges
                 warnings.simplefilter("ignore")
-                variants[name], observed = build_static(calls[:-1], linears)
-            scores[name] = fidelity(float_model, variants[name], held)
+                variants[name], observed = build_static(iterator, linears)
         except Exception as e:  # noqa: BLE001 - a plan that cannot be built is a rejected candidate, not a failure
             rejected[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
-    build("static")
+    build("static", first_pass())
+    held = [rest.held()]
+    scores = {name: fidelity(float_model, q, held) for name, q in variants.items()}
+    need = floor(scores["per-token"][0])
     mixed_record = None
     if "static" in scores and scores["static"][0] < need and observed is not None:
         try:
-            linears, mixed_record = mixed_linears(float_model, observed, calls[:-1][:MIXED_BATCHES],
+            linears, mixed_record = mixed_linears(float_model, observed, ranking,
                                                   per_token_names(per_token.qcast_qdq), need)
         except Exception as e:  # noqa: BLE001 - no ranking: no mixed plan, said why
             linears, mixed_record = [], {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        observed = None  # the static plan's calibrated graph: not needed any more
         if linears:
-            build("mixed", *linears)
+            build("mixed", another_pass(), *linears)
+            if "mixed" in variants:
+                scores["mixed"] = fidelity(float_model, variants["mixed"], held)
         else:
             rejected["mixed"] = "not built: " + mixed_record.get("error", "no linear to keep per-token")
-    times, _ = timer({k: v for k, v in variants.items()}, *held[0])
+    observed = None
+    times, _ = timer(dict(variants), *held[0])
     rows = []
     for name in ("per-token", "static", "mixed"):
         if name == "mixed" and mixed_record is None:

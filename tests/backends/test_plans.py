@@ -194,3 +194,30 @@ def test_a_saved_static_plan_loads_as_that_plan_with_its_decision(monkeypatch, t
     assert back.qcast_meta["backend_choice"]["plans"] == q.qcast_meta["backend_choice"]["plans"]
     with torch.no_grad():
         assert sqnr(q(x), back(x)) >= 30.0
+
+
+class Passes:
+    """Re-iterable calibration data that counts how often it is read and how many batches it has handed out."""
+
+    def __init__(self, batches):
+        self.batches, self.passes, self.served = batches, 0, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for b in self.batches:
+            self.served += 1
+            yield b.clone()
+
+
+@needs_engine
+def test_re_iterable_data_is_streamed_twice_not_held_and_gives_the_list_result(monkeypatch):
+    """Bounded memory (issue 14): with data that can be read twice the static plan calibrates on a second pass (all
+    batches but the held-back last one) instead of a list kept in memory, and the kept plan is the list's."""
+    model, data, x = seed002_data()
+    stream = Passes(data)
+    q = quantize_with(monkeypatch, model, stream, "static")
+    ref = qcast.quantize(model, data, backend="auto", progress=False, check_speed=False)  # choose_plan still patched
+    assert stream.passes == 2 and stream.served == 2 * len(data)
+    assert q.qcast_meta["backend_choice"]["plans"]["kept"] == ref.qcast_meta["backend_choice"]["plans"]["kept"]
+    with torch.no_grad():
+        assert torch.equal(q.qcast_qdq(x), ref.qcast_qdq(x))
