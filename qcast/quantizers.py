@@ -280,7 +280,8 @@ class WeightFakeQuant(FakeQuantizer):
 
     Scales follow the weight (``max|w| / qmax`` per row, a power of two for ``pow2``) and the gradient reaches the
     weight by the straight-through estimator; ``learnable`` (LSQ): one scale parameter per row, initialised from
-    the first weight seen and trained with LSQ's gradient."""
+    the first weight seen and trained with LSQ's gradient. Grouped (``group_size``): the groups' values are then
+    re-rounded onto the per-channel int8 grid the kernels take, as convert does (``grid()`` declares that grid)."""
 
     applies_to = "weight"
 
@@ -310,7 +311,20 @@ class WeightFakeQuant(FakeQuantizer):
                                     grad)
         else:  # the same STE with a constant scale per row (ATen's per-channel kernel: 1.3 ms per 74k weights)
             y = _PerTensorSTE.apply(rows, self._scales(rows).unsqueeze(1), 0.0, -self.qmax, self.qmax, 1.0)
+        if self.group_size:
+            # the int8 kernels take one scale per channel, so convert re-rounds grouped weights onto the per-channel
+            # int8 grid (convert.scheme_weight): train on that very grid (STE), so the converted model computes what
+            # was trained (converted vs QAT simulation, digits CNN: 44-46 dB with the re-rounding left to convert)
+            y = self._kernel_grid(y.reshape(w.shape[0], -1))
         return y.reshape(w.shape).to(w.dtype)
+
+    @staticmethod
+    def _int8_scales(channels: torch.Tensor) -> torch.Tensor:
+        """``observers.weight_scales(y, 127)``: what convert quantizes a grouped weight's channels with."""
+        return (channels.detach().abs().amax(dim=1).float() / 127).clamp_min(1e-12)
+
+    def _kernel_grid(self, channels: torch.Tensor) -> torch.Tensor:
+        return _PerTensorSTE.apply(channels, self._int8_scales(channels).unsqueeze(1), 0.0, -127, 127, 1.0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "scale"
@@ -319,6 +333,10 @@ class WeightFakeQuant(FakeQuantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def grid(self, w: torch.Tensor | None = None) -> Grid:
+        if self.group_size:  # the output is on the per-channel int8 grid (forward re-rounds the groups onto it)
+            with torch.no_grad():
+                y = self(w)
+            return Grid(8, self._int8_scales(y.reshape(y.shape[0], -1).float()), 0, signed=True)
         if self.learnable and self.scale.numel():
             scale = self.scale.detach().abs().clamp_min(1e-12)
         else:
