@@ -98,18 +98,24 @@ def _agrees(prepared, qmodel, x, floor=40.0):
     assert s >= floor, f"converted QAT model vs its QAT simulation: {s:.1f} dB"
 
 
-def test_int4_qat_is_within_a_point_of_float_and_beats_int4_ptq(digits, float_model):
-    f_acc, f_loss = digits.evaluate(float_model)
-    ptq = {r: digits.evaluate(qcast.quantize(float_model, digits.calib, config=INT4.replace(rounding=r,
-                                             adaround_iters=300), progress=False, check_speed=False))
-           for r in ("nearest", "adaround")}
+def test_int4_qat_is_within_a_point_of_float_as_is_int4_ptq(digits, float_model):
+    """int4 weights: QAT within a point of float, and its converted model computes what it trained.
+
+    int4 PTQ is within a point of float here too (nearest and AdaRound), so on this data QAT cannot be shown above
+    it on accuracy: ``benchmarks/qat_vs_ptq.py`` compared them over narrower/deeper CNNs, depthwise CNNs,
+    symmetric and power-of-two activations, longer float training and 3-6 seeds each (docs/qat.md), and found no
+    setting where QAT beats AdaRound by more than the seed-to-seed spread; where float training was short, QAT's
+    extra epochs helped as much as the same epochs of float fine-tuning. What holds on every model and seed is
+    checked: both are within a point of float."""
+    f_acc, _ = digits.evaluate(float_model)
+    for rounding in ("nearest", "adaround"):
+        ptq = qcast.quantize(float_model, digits.calib, config=INT4.replace(rounding=rounding, adaround_iters=300),
+                             progress=False, check_speed=False)
+        assert digits.evaluate(ptq)[0] >= f_acc - 1.0, rounding
     prepared = _qat(float_model, digits)
     qmodel = qcast.convert(prepared)
-    q_acc, q_loss = digits.evaluate(qmodel)
+    q_acc, _ = digits.evaluate(qmodel)
     assert q_acc >= f_acc - 1.0, (q_acc, f_acc)
-    assert q_acc >= ptq["nearest"][0], (q_acc, ptq)
-    # accuracy on 397 images moves in steps of 0.25 points; the held-out loss separates them
-    assert q_loss < min(loss for _, loss in ptq.values()), (q_loss, ptq)
     _agrees(prepared, qmodel, digits.x[digits.test_idx])
     rows = [r for r in qcast.explain(qmodel) if r.op in ("conv2d", "linear")]
     assert all(r.precision == "int8" and "int4 weights" in r.reason for r in rows), rows
