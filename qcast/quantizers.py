@@ -172,7 +172,11 @@ class _PerTensorSTE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # y / s = clamp(q) - zp: inside, minus x / s gives round(x/s) - x/s; outside it is the clipped end itself
             # (summed to the scale's shape: one per tensor, or one per row of a weight; ``inv`` is constant there)
-            gs = (gx.mul(x).neg_().add_(grad * y)).sum_to_size(inv.shape) * (inv * ctx.grad_factor)
+            if inv.numel() == 1:  # per tensor: two dot products, no tensor the size of x allocated
+                gs = (torch.dot(grad.reshape(-1), y.reshape(-1)) - torch.dot(gx.reshape(-1), x.reshape(-1)))
+                gs = gs.reshape(inv.shape) * (inv * ctx.grad_factor)
+            else:
+                gs = (gx.mul(x).neg_().add_(grad * y)).sum_to_size(inv.shape) * (inv * ctx.grad_factor)
         return gx, gs, None, None, None, None
 
 
