@@ -7,7 +7,7 @@ per-channel weights post-training (``rounding="nearest"`` and ``"adaround"``, 10
 images), and fine-tuned with ``qcast.prepare_qat`` (``--qat-epochs`` epochs, Adam at ``--qat-lr``, BatchNorm and
 observers frozen after ``--freeze`` steps, LSQ with ``--lsq``) then converted. ``float+ft`` is the float model
 fine-tuned for the same epochs at the same learning rate without quantization: what the extra epochs alone give
-(``--ptq-finetuned``: and ``adaround(ft)``, AdaRound on that model: PTQ with the training budget QAT had).
+(``--ptq-finetuned``: and ``nearest(ft)`` / ``adaround(ft)``, int4 PTQ of that model: PTQ with QAT's training budget).
 Each column is held-out accuracy / cross-entropy (1400 train / 397 held-out images, the split of
 ``tests/test_qat.py``; ``--train 1000``: 1000 / 797). One thread; a run takes 10-80 s per seed.
 
@@ -89,10 +89,10 @@ def run(d: Digits, setting: str, seed: int, args) -> dict:
         q = qcast.quantize(fm, d.calib, config=config.replace(rounding=rounding, adaround_iters=1000),
                            progress=False, check_speed=False)
         row[rounding] = d.evaluate(q)
-    if args.ptq_finetuned:  # the same training budget as QAT: AdaRound on the fine-tuned float model
-        q = qcast.quantize(ft, d.calib, config=config.replace(rounding="adaround", adaround_iters=1000),
+    for rounding in ("nearest", "adaround") if args.ptq_finetuned else ():  # PTQ with QAT's training budget
+        q = qcast.quantize(ft, d.calib, config=config.replace(rounding=rounding, adaround_iters=1000),
                            progress=False, check_speed=False)
-        row["adaround(ft)"] = d.evaluate(q)
+        row[f"{rounding}(ft)"] = d.evaluate(q)
     prepared = qcast.prepare_qat(fm, d.calib[0], config, freeze_bn_after=args.freeze,
                                  freeze_observers_after=args.freeze, learnable_scales=args.lsq)
     d.train(prepared, epochs=args.qat_epochs, lr=args.qat_lr)
@@ -112,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--lsq", action="store_true")
     ap.add_argument("--train", type=int, default=1400, help="training images (the rest are held out)")
     ap.add_argument("--ptq-finetuned", action="store_true",
-                    help="also AdaRound on float+ft (PTQ with the training budget QAT had)")
+                    help="also int4 PTQ of float+ft (PTQ with the training budget QAT had)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -120,7 +120,8 @@ def main(argv=None):
     if args.train != 1400:
         perm = torch.randperm(len(d.x), generator=torch.Generator().manual_seed(0))
         d.train_idx, d.test_idx = perm[:args.train], perm[args.train:]
-    cols = ("float", "float+ft", "nearest", "adaround") + (("adaround(ft)",) if args.ptq_finetuned else ()) + ("qat",)
+    cols = ("float", "float+ft", "nearest", "adaround") + (("nearest(ft)", "adaround(ft)") if args.ptq_finetuned
+                                                           else ()) + ("qat",)
     rows = []
     for setting in args.settings.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
