@@ -145,7 +145,7 @@ class _PerTensorSTE(torch.autograd.Function):
     when ``scale`` needs a gradient, LSQ's for the scale (Esser et al. 2020: ``round(x/s) - x/s`` inside, the
     clipped end ``qmin - zp`` / ``qmax - zp`` outside, times ``grad_factor``).
 
-    Values as ``torch.fake_quantize_per_tensor_affine`` computes them (``round(x * (1/s) + zp)``, round half to
+    Values as ``torch.fake_quantize_per_tensor_affine`` computes them (``zp + round(x * (1/s))``, round half to
     even); written as a few in-place elementwise ops because those ATen kernels (``_cachemask_tensor_qparams`` and
     the learnable variant's backward) measured 40-60 ms per 1M-element activation on this machine's one thread, as
     long as the conv that produced it (``benchmarks/qat_step.py``, cifar_cnn)."""
@@ -153,9 +153,12 @@ class _PerTensorSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
         inv = 1.0 / scale
-        q = (x * inv).add_(zero_point).round_()
-        mask = (q >= qmin).logical_and_(q <= qmax)
-        y = q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        # five passes over x, ATen's formula: q = round(x * inv) (zp + q on the grid, zp an integer), clamped to
+        # [qmin - zp, qmax - zp] into a copy, the mask where clamping changed nothing (inside the grid), times scale
+        q = (x * inv).round_()
+        y = q.clamp(qmin - zero_point, qmax - zero_point)
+        mask = q.eq_(y)
+        y.mul_(scale)
         ctx.grad_factor = grad_factor
         lsq = ctx.needs_input_grad[1]
         ctx.save_for_backward(x if lsq else None, y if lsq else None, inv if lsq else None, mask)
@@ -169,7 +172,11 @@ class _PerTensorSTE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # y / s = clamp(q) - zp: inside, minus x / s gives round(x/s) - x/s; outside it is the clipped end itself
             # (summed to the scale's shape: one per tensor, or one per row of a weight; ``inv`` is constant there)
-            gs = (gx.mul(x).neg_().add_(grad * y)).sum_to_size(inv.shape) * (inv * ctx.grad_factor)
+            if inv.numel() == 1:  # per tensor: two dot products, no tensor the size of x allocated
+                gs = (torch.dot(grad.reshape(-1), y.reshape(-1)) - torch.dot(gx.reshape(-1), x.reshape(-1)))
+                gs = gs.reshape(inv.shape) * (inv * ctx.grad_factor)
+            else:
+                gs = (gx.mul(x).neg_().add_(grad * y)).sum_to_size(inv.shape) * (inv * ctx.grad_factor)
         return gx, gs, None, None, None, None
 
 
@@ -248,14 +255,21 @@ class ActivationFakeQuant(FakeQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        if self.learnable or (torch.is_grad_enabled() and xf.requires_grad):  # training: the fused STE / LSQ below
-            # (also LSQ's inference: ATen's learnable fake-quant has no fake-tensor kernel, a torch.compile break)
+        cpu = xf.device.type == "cpu"
+        # the fused STE / LSQ below: in training; for LSQ always (ATen's learnable fake-quant has no fake-tensor
+        # kernel, a torch.compile break); on the CPU always, also for an edge no gradient reaches (the model's input):
+        # ATen's CPU fake-quant took 88-155 ms per 1M elements on this machine, the fused one 0.7 ms
+        if self.learnable or cpu or (torch.is_grad_enabled() and xf.requires_grad):
             scale = self.scale.abs().clamp_min(1e-8) if self.learnable else self.scale
             grad = 1.0 / math.sqrt(max(x.numel(), 1) * self.qmax)
-            return _PerTensorSTE.apply(xf, scale, self.zero_point, self.qmin, self.qmax, grad).to(x.dtype)
-        else:
-            y = torch.fake_quantize_per_tensor_affine(xf, self.scale, self.zero_point.to(torch.int32), self.qmin,
-                                                      self.qmax)
+            # on the CPU the zero point as a number: a clamp to tensor bounds took 7x a clamp to numbers (0.7 vs
+            # 0.09 ms per 1M elements); elsewhere, and compiled, a tensor (reading it would be a device sync / break)
+            zp = self.zero_point
+            if cpu and not torch.compiler.is_compiling():
+                zp = float(zp)
+            return _PerTensorSTE.apply(xf, scale, zp, self.qmin, self.qmax, grad).to(x.dtype)
+        y = torch.fake_quantize_per_tensor_affine(xf, self.scale, self.zero_point.to(torch.int32), self.qmin,
+                                                  self.qmax)
         return y.to(x.dtype)
 
     def grid(self, x=None) -> Grid:
@@ -272,7 +286,8 @@ class WeightFakeQuant(FakeQuantizer):
 
     Scales follow the weight (``max|w| / qmax`` per row, a power of two for ``pow2``) and the gradient reaches the
     weight by the straight-through estimator; ``learnable`` (LSQ): one scale parameter per row, initialised from
-    the first weight seen and trained with LSQ's gradient."""
+    the first weight seen and trained with LSQ's gradient. Grouped (``group_size``): the groups' values are then
+    re-rounded onto the per-channel int8 grid the kernels take, as convert does (``grid()`` declares that grid)."""
 
     applies_to = "weight"
 
@@ -300,11 +315,22 @@ class WeightFakeQuant(FakeQuantizer):
             grad = 1.0 / math.sqrt(rows.shape[1] * self.qmax)
             y = _PerTensorSTE.apply(rows, self.scale.abs().clamp_min(1e-12).unsqueeze(1), 0.0, -self.qmax, self.qmax,
                                     grad)
-        else:
-            scale = self._scales(rows)
-            y = torch.fake_quantize_per_channel_affine(rows, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
-                                                       -self.qmax, self.qmax)
+        else:  # the same STE with a constant scale per row (ATen's per-channel kernel: 0.38 vs 0.05 ms per 74k weights)
+            y = _PerTensorSTE.apply(rows, self._scales(rows).unsqueeze(1), 0.0, -self.qmax, self.qmax, 1.0)
+        if self.group_size:
+            # the int8 kernels take one scale per channel, so convert re-rounds grouped weights onto the per-channel
+            # int8 grid (convert.scheme_weight): train on that very grid (STE), so the converted model computes what
+            # was trained (converted vs QAT simulation, digits CNN: 44-46 dB with the re-rounding left to convert)
+            y = self._kernel_grid(y.reshape(w.shape[0], -1))
         return y.reshape(w.shape).to(w.dtype)
+
+    @staticmethod
+    def _int8_scales(channels: torch.Tensor) -> torch.Tensor:
+        """``observers.weight_scales(y, 127)``: what convert quantizes a grouped weight's channels with."""
+        return (channels.detach().abs().amax(dim=1).float() / 127).clamp_min(1e-12)
+
+    def _kernel_grid(self, channels: torch.Tensor) -> torch.Tensor:
+        return _PerTensorSTE.apply(channels, self._int8_scales(channels).unsqueeze(1), 0.0, -127, 127, 1.0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "scale"
@@ -313,6 +339,10 @@ class WeightFakeQuant(FakeQuantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def grid(self, w: torch.Tensor | None = None) -> Grid:
+        if self.group_size:  # the output is on the per-channel int8 grid (forward re-rounds the groups onto it)
+            with torch.no_grad():
+                y = self(w)
+            return Grid(8, self._int8_scales(y.reshape(y.shape[0], -1).float()), 0, signed=True)
         if self.learnable and self.scale.numel():
             scale = self.scale.detach().abs().clamp_min(1e-12)
         else:

@@ -98,18 +98,25 @@ def _agrees(prepared, qmodel, x, floor=40.0):
     assert s >= floor, f"converted QAT model vs its QAT simulation: {s:.1f} dB"
 
 
-def test_int4_qat_is_within_a_point_of_float_and_beats_int4_ptq(digits, float_model):
-    f_acc, f_loss = digits.evaluate(float_model)
-    ptq = {r: digits.evaluate(qcast.quantize(float_model, digits.calib, config=INT4.replace(rounding=r,
-                                             adaround_iters=300), progress=False, check_speed=False))
-           for r in ("nearest", "adaround")}
+def test_int4_qat_is_within_a_point_of_float_as_is_int4_ptq(digits, float_model):
+    """int4 weights: QAT within a point of float, and its converted model computes what it trained.
+
+    int4 PTQ is within a point of float here too (nearest and AdaRound), so on this CNN QAT cannot be shown above
+    it on accuracy. ``benchmarks/qat_vs_ptq.py`` compared them over narrower/deeper CNNs, depthwise CNNs, symmetric
+    and power-of-two activations, longer float training and 3-6 seeds each (docs/qat.md): QAT comes out more than a
+    point above both PTQs only on a narrow, not fully trained CNN, by one to four images of 397 per seed (a margin
+    the CPU a test runs on can flip: a pinned QAT >= PTQ accuracy check on this CNN failed on another machine); with
+    converged float models int4 PTQ is within 0.2-0.6 points of float and QAT no better. What holds on every model
+    and seed is checked: QAT and both PTQs within a point of float, and the converted model equal to the trained one."""
+    f_acc, _ = digits.evaluate(float_model)
+    for rounding in ("nearest", "adaround"):
+        ptq = qcast.quantize(float_model, digits.calib, config=INT4.replace(rounding=rounding, adaround_iters=300),
+                             progress=False, check_speed=False)
+        assert digits.evaluate(ptq)[0] >= f_acc - 1.0, rounding
     prepared = _qat(float_model, digits)
     qmodel = qcast.convert(prepared)
-    q_acc, q_loss = digits.evaluate(qmodel)
+    q_acc, _ = digits.evaluate(qmodel)
     assert q_acc >= f_acc - 1.0, (q_acc, f_acc)
-    assert q_acc >= ptq["nearest"][0], (q_acc, ptq)
-    # accuracy on 397 images moves in steps of 0.25 points; the held-out loss separates them
-    assert q_loss < min(loss for _, loss in ptq.values()), (q_loss, ptq)
     _agrees(prepared, qmodel, digits.x[digits.test_idx])
     rows = [r for r in qcast.explain(qmodel) if r.op in ("conv2d", "linear")]
     assert all(r.precision == "int8" and "int4 weights" in r.reason for r in rows), rows
@@ -276,6 +283,37 @@ def test_a_converted_qat_model_runs_on_the_engine_backends(digits, float_model, 
     qmodel = qcast.convert(prepared, backend=backend)
     assert qmodel.qcast_meta["backend"] == backend
     _agrees(prepared, qmodel, digits.x[digits.test_idx])
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino", "onnxruntime"])
+@pytest.mark.parametrize("lsq", [False, True], ids=["observed", "lsq"])
+def test_grouped_int4_qat_converts_to_what_it_trained(digits, float_model, backend, lsq):
+    """Grouped int4 weights (a scale per 18 / 32 inputs) are re-rounded onto the per-channel int8 grid the kernels
+    take; QAT trains on that grid, so the converted model matches its QAT simulation on every backend (measured:
+    143 dB on torch, 50-56 dB on the engines; 44-46 dB everywhere when convert alone re-rounded)."""
+    if backend != "torch":
+        pytest.importorskip(backend)
+    config = QuantConfig(weight="int4", backend="torch",
+                         per_layer={"conv2": {"weight_group_size": 18}, "fc": {"weight_group_size": 32}})
+    prepared = _qat(float_model, digits, config, epochs=1, learnable_scales=lsq)
+    qmodel = qcast.convert(prepared, backend=backend)
+    assert qmodel.qcast_meta["backend"] == backend
+    _agrees(prepared, qmodel, digits.x[digits.test_idx])
+    grouped = {m.name: m for m in prepared.modules() if isinstance(m, QATLayer) and m.wq.group_size}
+    assert sorted(grouped) == ["conv2", "fc"], sorted(grouped)
+    # what the layer trains with: the int4 groups re-rounded onto the per-channel int8 grid, each weight at most half
+    # an int8 step from its group's int4 value
+    layer = grouped["fc"]
+    w, _ = layer.folded()
+    with torch.no_grad():
+        y = layer.wq(w)
+    step = y.abs().amax(dim=1, keepdim=True) / 127
+    ints = y / step
+    assert torch.allclose(ints, ints.round(), atol=1e-3)
+    if not lsq:
+        from qcast.schemes import weight_grid
+        g4, _ = weight_grid(w, qcast.SCHEMES["int4"], 7, 32)
+        assert bool(((y - g4).abs() <= step / 2 + 1e-7).all())
 
 
 def _cpp_compiler() -> str | None:
