@@ -11,7 +11,7 @@ from .calibrate import CalibrationSummary, calibrate
 from .config import QuantConfig
 from .convert import convert
 from .export import export
-from .errors import (CalibrationError, CaptureError, ConfigError, EvalError, FormatError, InputError, NotCalibratedError,
+from .errors import (CalibrationError, CaptureError, ConfigError, DistributedError, EvalError, FormatError, InputError, NotCalibratedError,
                      QcastError, UnsupportedError)
 from .prepare import ObservedModel, prepare
 from .qat import QATModel, prepare_qat, simulate
@@ -32,6 +32,6 @@ __version__ = "0.1.0"
 __all__ = [
     "quantize", "prepare", "calibrate", "convert", "explain", "compare", "sensitivity", "save", "load", "export", "QuantConfig", "QuantizedModel", "ObservedModel",
     "OpInfo", "CalibrationSummary", "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
-    "NotCalibratedError", "UnsupportedError", "EvalError", "FormatError", "SensitivityReport", "AccuracySearch",
+    "NotCalibratedError", "UnsupportedError", "EvalError", "FormatError", "DistributedError", "SensitivityReport", "AccuracySearch",
     "SearchStep", "FakeQuantizer", "Grid", "register_quantizer", "Scheme", "SCHEMES", "prepare_qat", "QATModel", "simulate", "__version__",
 ]

@@ -10,7 +10,8 @@
     │   └── NotCalibratedError      convert() found an observer that saw no data (names the layer)
     ├── UnsupportedError            something qcast cannot do here yet (CUDA model, unknown backend)
     ├── EvalError                   the user's eval_fn / metric raised or returned something that is not a number
-    └── FormatError                 a saved file is truncated, tampered, of a newer version, or needs `model=`
+    ├── FormatError                 a saved file is truncated, tampered, of a newer version, or needs `model=`
+    └── DistributedError            a rank of a torch.distributed job died or timed out (names the rank)
 
 Messages always name the layer (module path) or argument concerned, and say what to do about it.
 """
@@ -59,7 +60,12 @@ class FormatError(QcastError):
     """A saved qcast file is unreadable: truncated, tampered, newer version, or missing its float model."""
 
 
+class DistributedError(QcastError, RuntimeError):
+    """A rank of a ``torch.distributed`` job died, timed out, or sent something that cannot be used (names the rank)."""
+
+
 __all__ = [
     "WHERE_IT_RUNS", "QcastError", "ConfigError", "CaptureError", "InputError", "CalibrationError",
     "NotCalibratedError", "UnsupportedError", "EvalError", "FormatError",
+    "DistributedError",
 ]
