@@ -97,27 +97,31 @@ def run_calls(fail_on_rank: int | None = None, die: bool = False) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, tmp: str, fail_on_rank, die: bool) -> None:
+def _worker(rank: int, world: int, tmp: str, jobs: tuple) -> None:
+    """Runs each job (``(fail_on_rank, die)``) in turn in one process group: a raised error leaves the group usable."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
-        result = {"ok": run_calls(fail_on_rank, die)}
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        result = {"error": (type(e).__name__, str(e)), "trace": traceback.format_exc()}
-    with open(f"{tmp}/rank{rank}.pkl", "wb") as f:
-        pickle.dump(result, f)
+    results = []
+    for fail_on_rank, die in jobs:
+        try:
+            results.append({"ok": run_calls(fail_on_rank, die)})
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            results.append({"error": (type(e).__name__, str(e)), "trace": traceback.format_exc()})
+        with open(f"{tmp}/rank{rank}.pkl", "wb") as f:
+            pickle.dump(results, f)
     torch.distributed.destroy_process_group()
 
 
-def spawn(world: int, tmp, fail_on_rank=None, die=False) -> list[dict | None]:
+def spawn(world: int, tmp, *jobs) -> list[list[dict] | None]:
+    """Each rank's results of ``jobs``, or None for a rank that wrote none (it died first)."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp), fail_on_rank, die)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp), jobs)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=240)
+        p.join(timeout=300)
         if p.is_alive():
             p.kill()
-            pytest.fail(f"a rank of {world} still ran after 240 s: the job hangs")
+            pytest.fail(f"a rank of {world} still ran after 300 s: the job hangs")
     out = []
     for r in range(world):
         path = tmp / f"rank{r}.pkl"
@@ -130,37 +134,46 @@ def one_process():
     return run_calls()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_every_rank_gets_the_one_process_ranking_and_model(world, one_process, tmp_path):
+def check_same(ref, got, rank, world):
+    assert got["rows"] == ref["rows"], f"rank {rank} of {world}: sensitivity rows differ"
+    assert got["base"] == ref["base"]
+    assert got["ranking"] == ref["ranking"]
+    assert got["steps"] == ref["steps"], f"rank {rank} of {world}: search steps differ"
+    assert got["float_layers"] == ref["float_layers"]
+    assert torch.equal(got["output"], ref["output"]), f"rank {rank} of {world}: quantized outputs differ"
+
+
+def test_the_one_process_oracle_is_a_real_search(one_process):
     ref = one_process
     assert len(ref["rows"]) >= 20
     assert {"layers.6", "layers.15"} == set(ref["float_layers"]), ref["steps"]  # the search found the two culprits
-    assert len(ref["steps"]) > 3  # ranked, all-float, binary search, pruning: a real search, not the trivial one
-    for rank, res in enumerate(spawn(world, tmp_path)):
-        assert res is not None and "ok" in res, f"rank {rank}: {res and res.get('trace')}"
-        got = res["ok"]
-        assert got["rows"] == ref["rows"], f"rank {rank} of {world}: sensitivity rows differ"
-        assert got["base"] == ref["base"]
-        assert got["ranking"] == ref["ranking"]
-        assert got["steps"] == ref["steps"], f"rank {rank} of {world}: search steps differ"
-        assert got["float_layers"] == ref["float_layers"]
-        assert torch.equal(got["output"], ref["output"]), f"rank {rank} of {world}: quantized outputs differ"
+    assert {"layers.6", "layers.15"} == {r[0] for r in ref["rows"][:2]}  # and the sensitivity ranks them first
+    assert len(ref["steps"]) > 3  # ranked, all-float, binary search, pruning: not the trivial all-int8 answer
 
 
-def test_a_rank_whose_eval_fn_raises_fails_every_rank_naming_it(tmp_path):
-    results = spawn(3, tmp_path, fail_on_rank=1)
+def test_two_ranks_get_the_one_process_ranking_and_model(one_process, tmp_path):
+    for rank, res in enumerate(spawn(2, tmp_path, (None, False))):
+        assert res is not None and "ok" in res[0], f"rank {rank}: {res and res[0].get('trace')}"
+        check_same(one_process, res[0]["ok"], rank, 2)
+
+
+def test_three_ranks_get_the_same_and_a_raising_rank_fails_every_rank_naming_it(one_process, tmp_path):
+    results = spawn(3, tmp_path, (None, False), (1, False))
     for rank, res in enumerate(results):
-        assert res is not None and "error" in res, f"rank {rank} did not fail: {res}"
-        cls, msg = res["error"]
-        assert cls == "EvalError", res["trace"]
+        assert res is not None and len(res) == 2, f"rank {rank}: {res}"
+        assert "ok" in res[0], f"rank {rank}: {res[0].get('trace')}"
+        check_same(one_process, res[0]["ok"], rank, 3)
+        assert "error" in res[1], f"rank {rank} did not fail: {res[1]}"
+        cls, msg = res[1]["error"]
+        assert cls == "EvalError", res[1]["trace"]
         assert "rank 1 of 3" in msg and "validation shard missing" in msg, msg
 
 
 def test_a_rank_that_dies_fails_the_others_naming_it(tmp_path):
-    results = spawn(2, tmp_path, fail_on_rank=1, die=True)
+    results = spawn(2, tmp_path, (1, True))
     assert results[1] is None  # it died before writing anything
-    cls, msg = results[0]["error"]
-    assert cls == "DistributedError", results[0]["trace"]
+    cls, msg = results[0][0]["error"]
+    assert cls == "DistributedError", results[0][0]["trace"]
     assert "rank(s) [1]" in msg, msg
 
 
