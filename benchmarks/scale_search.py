@@ -12,7 +12,11 @@ Each world size runs in fresh processes, one torch thread each (``torch.multipro
 rendezvous); 1 process runs without any process group (the one-process path). Timed on rank 0 between barriers
 (imports and the rendezvous excluded): ``qcast.sensitivity(model, data, metric=eval_fn)`` and
 ``qcast.quantize(model, data, eval_fn=, max_drop=)``. The world sizes are interleaved (each round runs them in
-a shuffled order) and the machine's load (``uptime``) is recorded before and after each run. Every run's ranking
+a shuffled order) and the machine's load (``uptime``) is recorded before and after each run, with the CPU
+seconds of each rank (the busiest rank's CPU time is the wall time the job would take with a free core per rank).
+Each process starts a session of its own (``os.setsid``): Linux's autogroup scheduler shares a loaded CPU between
+sessions, so ranks left in one session split one slice and show no speed-up whatever the code does
+(``--same-session`` to see that). Every run's ranking
 and chosen float layers are compared with the one-process run; the bytes each rank sent in qcast's exchanges are
 counted (pickled payloads of ``qcast.distributed.search.exchange``).
 """
@@ -86,6 +90,11 @@ def uptime() -> str:
 
 
 def worker(rank: int, world: int, tmp: str, args: dict) -> None:
+    if args["own_session"]:
+        # Linux autogroup: the scheduler shares the CPU between sessions, not processes, so under load the ranks of
+        # one session share one slice and cannot run in parallel. A rank of a real job has its own cores (its own
+        # node, or its own slice): each process, the 1-process run included, gets a session of its own
+        os.setsid()
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -109,15 +118,17 @@ def worker(rank: int, world: int, tmp: str, args: dict) -> None:
     model, data, eval_fn = build(args["calib"], args["val"])
     cfg = qcast.QuantConfig(calibration=args["calibration"])
     barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = qcast.sensitivity(model, data, metric=eval_fn, config=cfg, progress=False, cache=False)
     barrier()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     sens_bytes = sent[0]
     qmodel = qcast.quantize(model, data, config=cfg, eval_fn=eval_fn, max_drop=args["max_drop"], progress=False,
                             check_speed=False)
     barrier()
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
+    with open(f"{tmp}/cpu{rank}.json", "w") as f:
+        json.dump([c1 - c0, c2 - c1], f)
     s = qmodel.qcast_meta["accuracy_search"]
     if rank == 0:
         out = {"world": world, "sensitivity_s": t1 - t0, "search_s": t2 - t1, "candidates": len(report.rows),
@@ -144,6 +155,12 @@ def run_world(world: int, args: dict) -> dict:
         with open(f"{tmp}/result.json") as f:
             out = json.load(f)
         out["load_before"], out["load_after"] = before, uptime()
+        cpu = []
+        for r in range(world):
+            with open(f"{tmp}/cpu{r}.json") as f:
+                cpu.append(json.load(f))
+        out["cpu_sensitivity_s"] = [c[0] for c in cpu]  # CPU seconds of each rank
+        out["cpu_search_s"] = [c[1] for c in cpu]
         return out
 
 
@@ -152,12 +169,15 @@ def main() -> None:
     ap.add_argument("--worlds", default="1,2,3")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--calib", type=int, default=4)
-    ap.add_argument("--val", type=int, default=16, help="held-out batches of 64 rows that eval_fn runs")
+    ap.add_argument("--val", type=int, default=128, help="held-out batches of 64 rows that eval_fn runs")
     ap.add_argument("--max-drop", type=float, default=0.05)
     ap.add_argument("--calibration", default="minmax")
     ap.add_argument("--json", default=None, help="write every run here")
+    ap.add_argument("--same-session", action="store_true",
+                    help="keep every process in this session (on a loaded machine the ranks then share one CPU slice)")
     a = ap.parse_args()
-    args = {"calib": a.calib, "val": a.val, "max_drop": a.max_drop, "calibration": a.calibration}
+    args = {"calib": a.calib, "val": a.val, "max_drop": a.max_drop, "calibration": a.calibration,
+            "own_session": not a.same_session}
     worlds = [int(w) for w in a.worlds.split(",")]
     runs: list[dict] = []
     rng = random.Random(0)
@@ -169,14 +189,19 @@ def main() -> None:
             r = run_world(w, args)
             r["rep"] = rep
             runs.append(r)
-            print(f"rep {rep} world {w}: sensitivity {r['sensitivity_s']:.2f} s, search {r['search_s']:.2f} s "
+            print(f"rep {rep} world {w}: sensitivity {r['sensitivity_s']:.2f} s (CPU s per rank "
+                  f"{[round(c, 2) for c in r['cpu_sensitivity_s']]}), search {r['search_s']:.2f} s (CPU s per rank "
+                  f"{[round(c, 2) for c in r['cpu_search_s']]}) "
                   f"({r['steps']} steps, float {r['float_layers']}), load {r['load_before']} -> {r['load_after']}",
                   flush=True)
     ref = {r["rep"]: r for r in runs if r["world"] == 1}
     one = [r for r in runs if r["world"] == 1]
     print("\n| processes | sensitivity (s, median) | ratio vs 1 | accuracy search (s, median) | ratio vs 1 | "
+          "busiest rank's CPU s, sensitivity / search (ratio vs 1) | "
           "same ranking + float layers as 1 process | bytes sent by rank 0 (sensitivity / search) |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
+    cpu1 = (statistics.median(max(r["cpu_sensitivity_s"]) for r in one),
+            statistics.median(max(r["cpu_search_s"]) for r in one)) if one else None
     base = one[0] if one else None
     for w in worlds:
         rs = [r for r in runs if r["world"] == w]
@@ -190,7 +215,10 @@ def main() -> None:
                        and r["float_layers"] == base["float_layers"] for r in rs)
         else:
             ratios, same = ("-", "-"), "-"
-        print(f"| {w} | {sens:.2f} | {ratios[0]} | {srch:.2f} | {ratios[1]} | {same} | "
+        cs = statistics.median(max(r["cpu_sensitivity_s"]) for r in rs)
+        cq = statistics.median(max(r["cpu_search_s"]) for r in rs)
+        cpu = f"{cs:.2f} / {cq:.2f}" + (f" ({cs / cpu1[0]:.2f}x / {cq / cpu1[1]:.2f}x)" if cpu1 else "")
+        print(f"| {w} | {sens:.2f} | {ratios[0]} | {srch:.2f} | {ratios[1]} | {cpu} | {same} | "
               f"{rs[0]['sens_bytes_rank0']} / {rs[0]['search_bytes_rank0']} |")
     if one:
         print(f"\ncandidates: {base['candidates']}; search: {base['steps']} steps, float layers {base['float_layers']}"

@@ -17,6 +17,11 @@
    ``SearchStep`` of the ``AccuracySearch`` stored in ``qmodel.qcast_meta["accuracy_search"]``, logged on the
    ``qcast`` logger and, with ``progress=True``, printed as a table. If no step meets the target, a ``UserWarning``
    says so and the best model found (highest metric, then fewest float layers) is returned.
+
+Under an initialised ``torch.distributed`` process group every rank calls ``quantize`` with the same arguments: the
+evaluations are split across the ranks (``qcast.distributed.search``; the greedy steps are evaluated ``world size``
+at a time, the next step plus the steps each of its outcomes would lead to) and every rank returns the model and the
+``AccuracySearch`` one process would (docs/scale.md, "Sensitivity and accuracy search").
 """
 from __future__ import annotations
 

@@ -59,6 +59,8 @@ def world() -> World | None:
         return None
     key = (id(dist.group.WORLD), dist.get_world_size())
     group = _GROUPS.get(key)
+    if group is not None and not _alive(group):  # the job was torn down and a new one initialised since
+        group = None
     if group is None:
         # a gloo group of our own: CPU exchange whatever the default backend (NCCL included), and our own timeout.
         # new_group is collective: every rank reaches this line in the same call (they run the same qcast call)
@@ -69,6 +71,15 @@ def world() -> World | None:
     except Exception:  # noqa: BLE001 - no store reachable: progress is then local, dead ranks are not named
         store = None
     return World(dist.get_rank(), dist.get_world_size(), group, store)
+
+
+def _alive(group) -> bool:
+    import torch.distributed as dist
+
+    try:
+        return group in dist.distributed_c10d._world.pg_map
+    except Exception:  # noqa: BLE001 - private registry moved: trust the cached group
+        return True
 
 
 def timeout_s() -> float:

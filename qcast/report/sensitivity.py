@@ -385,6 +385,11 @@ def sensitivity(model: nn.Module, data: Any, *, metric: Callable[[nn.Module], fl
 
     Cached per process: the same weights, data, config, mode, metric, num_batches and input_fn return the cached
     report without running anything (``cache=False`` recomputes; ``qcast.report.clear_sensitivity_cache()`` empties it).
+
+    Under an initialised ``torch.distributed`` process group (torchrun, Slurm), call it on every rank with the same
+    arguments: the per-layer evaluations are split across the ranks (``qcast.distributed.search``) and every rank
+    returns the report one process would (same rows, same numbers); rank 0 shows the progress of the whole job.
+    Each rank calibrates on its own ``data``, which must be the same on every rank here (docs/scale.md).
     """
     from ..api import _replay
     from ..calibrate import calibrate
