@@ -179,7 +179,7 @@ def accuracy_aware(model: nn.Module, calls: list, config: QuantConfig, backend: 
     search plus the steps it would ask for next (``_speculate``). Only the steps on the one-process path are
     recorded, so every rank returns the same ``AccuracySearch`` (and the same model) as one process."""
     from .api import quantize_calls
-    from .distributed.search import split, world
+    from .distributed.search import digest, split, world
     from .report.sensitivity import SQNR_METRIC, analyze, call_metric, float_outputs, sqnr_metric
 
     w = world()
@@ -255,7 +255,8 @@ def accuracy_aware(model: nn.Module, calls: list, config: QuantConfig, backend: 
                 known = {k: m >= target for k, m in results.items()}
                 batch = _speculate(ranking, outcomes, known, size) if size > 1 else [req]
                 values = split(len(batch), lambda i: evaluate(batch[i][0]),
-                               what=f"accuracy search step {len(steps)} ({len(batch)} model(s))")
+                               what=f"accuracy search step {len(steps)} ({len(batch)} model(s))",
+                               signature=digest([b[0] for b in batch]))
                 results.update((frozenset(b[0]), v) for b, v in zip(batch, values))
             outcomes.append(record(layers, results[key], note).meets)
     met = [s for s in steps if s.meets]

@@ -159,11 +159,13 @@ class Progress:
 
 
 def split(n: int, fn: Callable[[int], Any], *, what: str, counts: Callable[[int], bool] | None = None,
-          bar=None) -> list[Any]:
+          bar=None, signature: Any = None) -> list[Any]:
     """``[fn(0), ..., fn(n-1)]`` on every rank, each task run by one rank (``i % world``), results gathered.
 
     Without a process group: the plain loop. ``counts(i)``: whether task ``i`` moves ``bar`` (default: all).
     A task that raises fails every rank with an error naming the rank where it raised (see the module docstring).
+    ``signature``: what must be equal on every rank (e.g. the candidate names); ranks whose ``(n, signature)``
+    differs from rank 0's fail the job with a ``DistributedError`` naming them (different models or arguments).
     """
     w = world()
     progress = Progress(w, _PREFIX + "/local", bar)
@@ -200,12 +202,17 @@ def split(n: int, fn: Callable[[int], Any], *, what: str, counts: Callable[[int]
     except Exception as e:  # noqa: BLE001 - a result that cannot travel is a bug of the caller, say which
         raise DistributedError(f"rank {w.rank}: the results of {what} cannot be pickled to send to the other ranks: "
                                f"{type(e).__name__}: {e}") from e
-    gathered = exchange(w, (failure, blob), what, prefix)
-    failures = [f for f, _ in gathered if f is not None]
+    gathered = exchange(w, (failure, blob, (n, signature)), what, prefix)
+    failures = [f for f, _, _ in gathered if f is not None]
     if failures:
         _raise(failures, w, what, local_exc)
+    odd = [r for r, (_, _, sig) in enumerate(gathered) if sig != gathered[0][2]]
+    if odd:
+        raise DistributedError(f"during {what}, rank(s) {odd} of {w.size} had other work than rank 0 ({n} tasks here, "
+                               f"{gathered[0][2][0]} on rank 0, or other candidates): every rank must call qcast with "
+                               "the same model, config and arguments")
     results: dict[int, Any] = {}
-    for _, b in gathered:
+    for _, b, _ in gathered:
         results.update(pickle.loads(b))
     progress.finish(sum(1 for i in range(n) if counts is None or counts(i)))
     return [results[i] for i in range(n)]
@@ -233,6 +240,13 @@ def _raise(failures: list[tuple[int, str, str]], w: World, what: str, local_exc:
     raise exc
 
 
+def digest(obj: Any) -> str:
+    """A short fingerprint of ``repr(obj)``, for ``split(signature=)``: 16 hex characters on the wire."""
+    import hashlib
+
+    return hashlib.blake2b(repr(obj).encode(), digest_size=8).hexdigest()
+
+
 def payload_bytes(results: list[Any]) -> int:
     """Bytes one split of these results puts on the wire in total (what ``exchange`` pickles), for docs/scale.md."""
-    return len(pickle.dumps((None, pickle.dumps(dict(enumerate(results))))))
+    return len(pickle.dumps((None, pickle.dumps(dict(enumerate(results))), (len(results), digest(results)))))

@@ -273,7 +273,7 @@ def analyze(observed, metric: Callable, *, mode: str = "float_one", progress: bo
     Under an initialised ``torch.distributed`` group the evaluations (the two baselines, then one per candidate, in
     execution order) are split across the ranks and gathered (``qcast.distributed.search.split``): every rank
     returns the report one process would, and only rank 0 shows the (global) progress bar."""
-    from ..distributed.search import split
+    from ..distributed.search import digest, split
 
     sim = Simulation(observed)
     names = [n for n, _ in sim.candidates]
@@ -296,7 +296,7 @@ def analyze(observed, metric: Callable, *, mode: str = "float_one", progress: bo
     bar = _bar(len(names), progress, mode)
     try:
         values = split(len(tasks), run, what=f"sensitivity ({mode}, {len(names)} layers)", counts=lambda i: i >= 2,
-                       bar=bar)
+                       bar=bar, signature=digest(names))
     finally:
         if bar is not None:
             bar.close()

@@ -66,12 +66,18 @@ def rel_error_fn(model, held):
     return fn
 
 
-def run_calls(fail_on_rank: int | None = None, die: bool = False) -> dict:
-    """What each process computes: the default-metric sensitivity and the accuracy search (or the failing search)."""
+def run_calls(fail_on_rank: int | None = None, die: bool = False, skip_on_rank: int | None = None) -> dict:
+    """What each process computes: the default-metric sensitivity and the accuracy search (or the failing search).
+    ``skip_on_rank``: that rank keeps layers.3 float (other candidates than the other ranks): sensitivity only."""
     torch.set_num_threads(1)
     model, data, held = make()
     fn = rel_error_fn(model, held)
     out: dict = {}
+    if skip_on_rank is not None:
+        odd = torch.distributed.get_rank() == skip_on_rank
+        qcast.sensitivity(model, data, config=FAST.replace(skip=("layers.3",) if odd else ()), progress=False,
+                          cache=False)
+        return out
     if fail_on_rank is None:
         report = qcast.sensitivity(model, data, config=FAST, progress=False, cache=False)
         out["rows"] = [(r.name, r.op, r.value, r.delta) for r in report.rows]
@@ -101,9 +107,9 @@ def _worker(rank: int, world: int, tmp: str, jobs: tuple) -> None:
     """Runs each job (``(fail_on_rank, die)``) in turn in one process group: a raised error leaves the group usable."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     results = []
-    for fail_on_rank, die in jobs:
+    for job in jobs:
         try:
-            results.append({"ok": run_calls(fail_on_rank, die)})
+            results.append({"ok": run_calls(*job)})
         except Exception as e:  # noqa: BLE001 - reported to the test
             results.append({"error": (type(e).__name__, str(e)), "trace": traceback.format_exc()})
         with open(f"{tmp}/rank{rank}.pkl", "wb") as f:
@@ -151,10 +157,14 @@ def test_the_one_process_oracle_is_a_real_search(one_process):
     assert len(ref["steps"]) > 3  # ranked, all-float, binary search, pruning: not the trivial all-int8 answer
 
 
-def test_two_ranks_get_the_one_process_ranking_and_model(one_process, tmp_path):
-    for rank, res in enumerate(spawn(2, tmp_path, (None, False))):
+def test_two_ranks_get_the_one_process_ranking_and_model_and_other_candidates_fail(one_process, tmp_path):
+    for rank, res in enumerate(spawn(2, tmp_path, (None, False), (None, False, 1))):
         assert res is not None and "ok" in res[0], f"rank {rank}: {res and res[0].get('trace')}"
         check_same(one_process, res[0]["ok"], rank, 2)
+        # then rank 1 quantizes another set of layers: both ranks fail, naming it, instead of mixing the reports
+        assert "error" in res[1], f"rank {rank}: {res[1]}"
+        cls, msg = res[1]["error"]
+        assert cls == "DistributedError" and "rank(s) [1] of 2 had other work" in msg, msg
 
 
 def test_three_ranks_get_the_same_and_a_raising_rank_fails_every_rank_naming_it(one_process, tmp_path):
