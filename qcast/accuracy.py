@@ -17,6 +17,11 @@
    ``SearchStep`` of the ``AccuracySearch`` stored in ``qmodel.qcast_meta["accuracy_search"]``, logged on the
    ``qcast`` logger and, with ``progress=True``, printed as a table. If no step meets the target, a ``UserWarning``
    says so and the best model found (highest metric, then fewest float layers) is returned.
+
+Under an initialised ``torch.distributed`` process group every rank calls ``quantize`` with the same arguments: the
+evaluations are split across the ranks (``qcast.distributed.search``; the greedy steps are evaluated ``world size``
+at a time, the next step plus the steps each of its outcomes would lead to) and every rank returns the model and the
+``AccuracySearch`` one process would (docs/scale.md, "Sensitivity and accuracy search").
 """
 from __future__ import annotations
 
@@ -106,25 +111,92 @@ def exact(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
+def search_plan(ranking: tuple[str, ...], prune_max: int = PRUNE_MAX):
+    """Steps 4 of the module docstring as a generator: yields ``(float_layers, note, likely_meets)`` and is sent back
+    whether that model meets the target. Pure logic (no evaluation), so it can be replayed on assumed outcomes:
+    that is how a distributed run evaluates the next few steps of both branches ahead (``_speculate``)."""
+    n = len(ranking)
+    if not n:
+        return
+    if not (yield ranking, f"all {n} candidate layers in float", True):
+        return
+    lo, hi = 0, n  # lo misses (all int8), hi meets
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if (yield ranking[:mid], f"binary search: {mid} most sensitive in float", True):
+            hi = mid
+        else:
+            lo = mid
+    kept = list(ranking[:hi])
+    for name in list(reversed(kept))[:prune_max] if len(kept) > 1 else []:
+        trial = tuple(k for k in kept if k != name)
+        if (yield trial, f"prune: {name} back to int8", False):  # a minimal set: removals mostly miss
+            kept = list(trial)
+
+
+def _next_step(ranking: tuple[str, ...], outcomes: list[bool]):
+    """The step the search asks for after these outcomes, or None when it is done."""
+    gen = search_plan(ranking)
+    try:
+        req = next(gen)
+        for meets in outcomes:
+            req = gen.send(meets)
+    except StopIteration:
+        return None
+    return req
+
+
+def _speculate(ranking: tuple[str, ...], outcomes: list[bool], known: dict[frozenset, bool], size: int) -> list:
+    """Up to ``size`` distinct steps not evaluated yet, breadth first over the outcomes still unknown (the likely
+    branch first): the next step of the search, then the steps it asks for after each of its outcomes, ..."""
+    batch: list = []
+    keys: set[frozenset] = set()
+    queue = [list(outcomes)]
+    visits = 0
+    while queue and len(batch) < size and visits < 64 * size:
+        prefix = queue.pop(0)
+        visits += 1
+        req = _next_step(ranking, prefix)
+        if req is None:
+            continue
+        key = frozenset(req[0])
+        if key in known:
+            queue.append(prefix + [known[key]])
+            continue
+        if key not in keys:
+            keys.add(key)
+            batch.append(req)
+        queue.append(prefix + [req[2]])
+        queue.append(prefix + [not req[2]])
+    return batch
+
+
 def accuracy_aware(model: nn.Module, calls: list, config: QuantConfig, backend: str, eval_fn: Callable,
                    max_drop: float, progress: bool):
+    """The search of the module docstring. Under an initialised ``torch.distributed`` group (``qcast.distributed``)
+    its evaluations are split across the ranks: the float and the all-int8 metric side by side, the sensitivity
+    ranking one candidate per rank, and the greedy steps ``world size`` at a time, the next step of the one-process
+    search plus the steps it would ask for next (``_speculate``). Only the steps on the one-process path are
+    recorded, so every rank returns the same ``AccuracySearch`` (and the same model) as one process."""
     from .api import quantize_calls
+    from .distributed.search import digest, split, world
     from .report.sensitivity import SQNR_METRIC, analyze, call_metric, float_outputs, sqnr_metric
 
-    float_metric = call_metric(eval_fn, copy.deepcopy(model).eval(), "eval_fn", "the float model")
-    target = float_metric - float(max_drop)
+    w = world()
+    size = 1 if w is None else w.size
+    show = progress and (w is None or w.rank == 0)
     steps: list[SearchStep] = []
-    models: dict[frozenset, Any] = {}
+    local: dict[frozenset, Any] = {}  # the int8 models evaluated by this process
+    recorded: dict[frozenset, SearchStep] = {}
+    results: dict[frozenset, float] = {}  # every evaluated step's metric (from any rank), recorded or not
 
-    def record(layers: tuple[str, ...], qmodel, note: str, seconds: list | None = None) -> SearchStep:
-        t = time.perf_counter()
-        metric = call_metric(eval_fn, qmodel, "eval_fn",
-                             f"the int8 model with {len(layers)} layer(s) in float {list(layers)[:6]}")
-        if seconds is not None:
-            seconds.append(time.perf_counter() - t)
+    def describe(layers) -> str:
+        return f"the int8 model with {len(layers)} layer(s) in float {list(layers)[:6]}"
+
+    def record(layers: tuple[str, ...], metric: float, note: str) -> SearchStep:
         step = SearchStep(tuple(layers), metric, metric >= target, note)
         steps.append(step)
-        models[frozenset(layers)] = (qmodel, step)
+        recorded[frozenset(layers)] = step
         log.info("qcast accuracy-aware: %s", step)
         return step
 
@@ -132,65 +204,76 @@ def accuracy_aware(model: nn.Module, calls: list, config: QuantConfig, backend: 
     final_backend = backend
     if backend == "auto":  # search on the torch backend (no engine compiled per step); the chosen model is lowered once
         backend, config = "torch", config.replace(backend="torch")
-    qmodel, observed = quantize_calls(model, first, iter(rest), config, backend, progress, len(calls))
-    timing: list[float] = []
-    full = record((), qmodel, "all int8", timing)
+    qmodel, observed = quantize_calls(model, first, iter(rest), config, backend, show, len(calls))
+    local[frozenset()] = qmodel
+
+    def first_two(i: int) -> tuple[float, float]:
+        t = time.perf_counter()
+        if i == 0:
+            value = call_metric(eval_fn, copy.deepcopy(model).eval(), "eval_fn", "the float model")
+        else:
+            value = call_metric(eval_fn, qmodel, "eval_fn", describe(()))
+        return value, time.perf_counter() - t
+
+    (float_metric, _), (full_metric, full_seconds) = split(2, first_two, what="eval_fn on the float and int8 model")
+    target = float_metric - float(max_drop)
+    full = record((), full_metric, "all int8")
     ranking: tuple[str, ...] = ()
     ranked_by = "-"
     if not full.meets:
         # rank the layers on the simulation of this calibration
         from .report.sensitivity import Simulation
         n_cand = len(Simulation(observed).candidates)
-        estimate = timing[0] * (n_cand + 2)
+        estimate = full_seconds * (n_cand + 2)  # one process's time, whatever the world size: the same choice
         if estimate <= RANK_BUDGET_S:
             ranked_by = f"eval_fn (float_one sensitivity, {n_cand + 2} eval_fn calls on the QDQ simulation)"
-            report = analyze(observed, eval_fn, mode="float_one", progress=progress, batches=len(calls),
+            report = analyze(observed, eval_fn, mode="float_one", progress=show, batches=len(calls),
                              metric_name="eval_fn", argname="eval_fn")
         else:
             ranked_by = (f"output SQNR on the calibration batches (float_one sensitivity): ranking with eval_fn would "
-                         f"take ~{estimate:.0f} s ({n_cand + 2} calls of {timing[0]:.1f} s) > {RANK_BUDGET_S:.0f} s")
+                         f"take ~{estimate:.0f} s ({n_cand + 2} calls of {full_seconds:.1f} s) > {RANK_BUDGET_S:.0f} s")
             metric = sqnr_metric(calls, float_outputs(model, calls))
-            report = analyze(observed, metric, mode="float_one", progress=progress, batches=len(calls),
+            report = analyze(observed, metric, mode="float_one", progress=show, batches=len(calls),
                              metric_name=SQNR_METRIC)
         ranking = report.names
         log.info("qcast accuracy-aware: layers ranked by %s: %s", ranked_by, list(ranking))
 
-        def evaluate(layers: tuple[str, ...], note: str) -> SearchStep:
-            key = frozenset(layers)
-            if key in models:
-                return models[key][1]
+        def evaluate(layers: tuple[str, ...]) -> float:
             cfg = config.replace(skip=tuple(config.skip) + tuple(exact(n) for n in layers))
             qm, _ = quantize_calls(model, first, iter(rest), cfg, backend, False, len(calls))
-            return record(layers, qm, note)
+            local[frozenset(layers)] = qm
+            return call_metric(eval_fn, qm, "eval_fn", describe(layers))
 
-        n = len(ranking)
-        if n and evaluate(ranking, f"all {n} candidate layers in float").meets:
-            lo, hi = 0, n  # lo misses (all int8), hi meets
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if evaluate(ranking[:mid], f"binary search: {mid} most sensitive in float").meets:
-                    hi = mid
-                else:
-                    lo = mid
-            kept = list(ranking[:hi])
-            for name in list(reversed(kept))[:PRUNE_MAX] if len(kept) > 1 else []:
-                trial = tuple(k for k in kept if k != name)
-                if evaluate(trial, f"prune: {name} back to int8").meets:
-                    kept = list(trial)
+        outcomes: list[bool] = []
+        while (req := _next_step(ranking, outcomes)) is not None:
+            layers, note, _ = req
+            key = frozenset(layers)
+            if key in recorded:  # asked again: its result, not a new step
+                outcomes.append(recorded[key].meets)
+                continue
+            if key not in results:
+                known = {k: m >= target for k, m in results.items()}
+                batch = _speculate(ranking, outcomes, known, size) if size > 1 else [req]
+                values = split(len(batch), lambda i: evaluate(batch[i][0]),
+                               what=f"accuracy search step {len(steps)} ({len(batch)} model(s))",
+                               signature=digest([b[0] for b in batch]))
+                results.update((frozenset(b[0]), v) for b, v in zip(batch, values))
+            outcomes.append(record(layers, results[key], note).meets)
     met = [s for s in steps if s.meets]
     if met:
         best = min(met, key=lambda s: (len(s.float_layers), -s.metric))
     else:
         best = max(steps, key=lambda s: (s.metric, -len(s.float_layers)))
-    qbest = models[frozenset(best.float_layers)][0]
-    if final_backend != backend:
+    qbest = local.get(frozenset(best.float_layers))
+    if final_backend != backend or qbest is None:  # lowered to the final backend, or evaluated on another rank
         cfg = config.replace(backend=final_backend, skip=tuple(config.skip) + tuple(exact(n) for n in best.float_layers))
         qbest, _ = quantize_calls(model, first, iter(rest), cfg, final_backend, False, len(calls))
+    local.clear()
     search = AccuracySearch(float_metric, float(max_drop), target, ranked_by, tuple(ranking), tuple(steps),
                             best.float_layers, best.metric, best.meets)
     qbest.qcast_meta["accuracy_search"] = search
     log.info("qcast accuracy-aware: %r", search)
-    if progress:
+    if show:
         print(search.table())
     if not met:
         warnings.warn(

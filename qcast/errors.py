@@ -10,7 +10,8 @@
     │   └── NotCalibratedError      convert() found an observer that saw no data (names the layer)
     ├── UnsupportedError            something qcast cannot do here yet (CUDA model, unknown backend)
     ├── EvalError                   the user's eval_fn / metric raised or returned something that is not a number
-    └── FormatError                 a saved file is truncated, tampered, of a newer version, or needs `model=`
+    ├── FormatError                 a saved file is truncated, tampered, of a newer version, or needs `model=`
+    └── DistributedError            a rank of a torch.distributed job died or timed out (names the rank)
 
 Messages always name the layer (module path) or argument concerned, and say what to do about it.
 """
@@ -60,8 +61,9 @@ class FormatError(QcastError):
 
 
 class DistributedError(QcastError, RuntimeError):
-    """A rank of a ``torch.distributed`` job failed during a collective qcast phase (calibration, a reduction, a
-    decision made on rank 0): the message names the rank(s) and their errors (``qcast.distributed``)."""
+    """A rank of a ``torch.distributed`` job failed, died, timed out, or sent something that cannot be used, during a
+    collective qcast phase (calibration, a reduction, a decision made on rank 0, a sensitivity or search exchange): the
+    message names the rank(s) and their errors (``qcast.distributed``)."""
 
 
 __all__ = [

@@ -17,7 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "qcast"
 
 LAYERS = [
-    ("core", ["qcast.errors", "qcast.config", "qcast.data", "qcast.timing", "qcast.nn", "qcast.smooth",
+    ("core", ["qcast.errors", "qcast.distributed", "qcast.config", "qcast.data", "qcast.timing", "qcast.nn", "qcast.smooth",
               "qcast.observers", "qcast.schemes", "qcast.quantizers", "qcast.quantized", "qcast.capture",
               "qcast.capture_export", "qcast.distributed"]),
     ("passes", ["qcast.passes"]),

@@ -268,46 +268,71 @@ def float_outputs(model: nn.Module, calls) -> list[Any]:
 # ------------------------------------------------------------------------------------------------
 def analyze(observed, metric: Callable, *, mode: str = "float_one", progress: bool = True, batches: int = 0,
             metric_name: str | None = None, argname: str = "metric") -> SensitivityReport:
-    """Sensitivity of every candidate layer of a calibrated ObservedModel under ``metric(model) -> float``."""
+    """Sensitivity of every candidate layer of a calibrated ObservedModel under ``metric(model) -> float``.
+
+    Under an initialised ``torch.distributed`` group the evaluations (the two baselines, then one per candidate, in
+    execution order) are split across the ranks and gathered (``qcast.distributed.search.split``): every rank
+    returns the report one process would, and only rank 0 shows the (global) progress bar."""
+    from ..distributed.search import digest, split
+
     sim = Simulation(observed)
     names = [n for n, _ in sim.candidates]
-    sim.set(floated=set())
-    quantized = call_metric(metric, sim.model, argname, "the fully quantized simulation")
-    sim.set(quantized=set())
-    floated = call_metric(metric, sim.model, argname, "the float model (all QDQ points off)")
-    baseline = quantized if mode == "float_one" else floated
-    rows = []
+    tasks: list[tuple[str, str | None]] = [("quantized", None), ("float", None)] + [("layer", n) for n in names]
+
+    def run(i: int) -> float:
+        kind, name = tasks[i]
+        if kind == "quantized":
+            sim.set(floated=set())
+            return call_metric(metric, sim.model, argname, "the fully quantized simulation")
+        if kind == "float":
+            sim.set(quantized=set())
+            return call_metric(metric, sim.model, argname, "the float model (all QDQ points off)")
+        if mode == "float_one":
+            sim.set(floated={name})
+        else:
+            sim.set(quantized={name})
+        return call_metric(metric, sim.model, argname, f"{mode} of layer {name!r}")
+
     bar = _bar(len(names), progress, mode)
     try:
-        for name, op in sim.candidates:
-            if mode == "float_one":
-                sim.set(floated={name})
-            else:
-                sim.set(quantized={name})
-            value = call_metric(metric, sim.model, argname, f"{mode} of layer {name!r}")
-            if mode == "float_one":
-                delta = value - baseline
-            else:
-                delta = -value if math.isinf(baseline) else baseline - value
-            rows.append(SensitivityRow(name, op, value, delta))
-            if bar is not None:
-                bar.update(1)
+        values = split(len(tasks), run, what=f"sensitivity ({mode}, {len(names)} layers)", counts=lambda i: i >= 2,
+                       bar=bar, signature=digest(names))
     finally:
         if bar is not None:
             bar.close()
+    quantized, floated = values[0], values[1]
+    baseline = quantized if mode == "float_one" else floated
+    rows = []
+    for (name, op), value in zip(sim.candidates, values[2:]):
+        if mode == "float_one":
+            delta = value - baseline
+        else:
+            delta = -value if math.isinf(baseline) else baseline - value
+        rows.append(SensitivityRow(name, op, value, delta))
+    # stable: equal deltas keep execution order, the same on every rank
     rows.sort(key=lambda r: -r.delta if not math.isnan(r.delta) else math.inf)
     return SensitivityReport(mode, metric_name or getattr(metric, "__name__", "metric"), baseline, quantized,
                              floated, tuple(rows), batches)
 
 
 def _bar(total: int, enabled: bool, mode: str):
-    if not enabled:
+    from ..distributed.search import world
+
+    w = world()
+    if not enabled or (w is not None and w.rank != 0):  # one bar for the whole job, on rank 0
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
     return tqdm(total=total, desc=f"qcast sensitivity ({mode})", unit="layer", leave=False, file=sys.stderr)
+
+
+def _rank() -> int:
+    from ..distributed.search import world
+
+    w = world()
+    return 0 if w is None else w.rank
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,6 +385,11 @@ def sensitivity(model: nn.Module, data: Any, *, metric: Callable[[nn.Module], fl
 
     Cached per process: the same weights, data, config, mode, metric, num_batches and input_fn return the cached
     report without running anything (``cache=False`` recomputes; ``qcast.report.clear_sensitivity_cache()`` empties it).
+
+    Under an initialised ``torch.distributed`` process group (torchrun, Slurm), call it on every rank with the same
+    arguments: the per-layer evaluations are split across the ranks (``qcast.distributed.search``) and every rank
+    returns the report one process would (same rows, same numbers); rank 0 shows the progress of the whole job.
+    Each rank calibrates on its own ``data``, which must be the same on every rank here (docs/scale.md).
     """
     from ..api import _replay
     from ..calibrate import calibrate
@@ -385,7 +415,7 @@ def sensitivity(model: nn.Module, data: Any, *, metric: Callable[[nn.Module], fl
     args, kwargs = calls[0]
     observed = prepare(model, kwargs if kwargs and not args else (args[0] if len(args) == 1 and not kwargs else args),
                        config)
-    calibrate(observed, list(_replay(calls[0], iter(calls[1:]))), progress=progress)
+    calibrate(observed, list(_replay(calls[0], iter(calls[1:]))), progress=progress and _rank() == 0)
     if metric is None:
         fn = sqnr_metric(calls, float_outputs(model, calls))
         report = analyze(observed, fn, mode=mode, progress=progress, batches=len(calls), metric_name=SQNR_METRIC)
