@@ -14,6 +14,8 @@ from .backends.torch.kernels.base import input_meta
 from .backends.torch.kernels.engines import available
 
 HIDDEN_OPS = {"getitem", "size", "dim", "contiguous"}
+#: ops whose value is a tuple of tensors (unpacked by getitem nodes) that still get an explain() row
+TUPLE_OPS = ("chunk", "split", "unbind", "lstm", "gru")
 
 
 @dataclass
@@ -53,7 +55,7 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
         p = Plan(name=name, op=op, path=path, fused=fused)
         node.meta["qcast_plan"] = p
         meta = node.meta.get("qcast_val")
-        tensor_out = isinstance(meta, TensorMeta) or (op in ("chunk", "split", "unbind") and isinstance(meta, (tuple, list)))
+        tensor_out = isinstance(meta, TensorMeta) or (op in TUPLE_OPS and isinstance(meta, (tuple, list)))
         p.visible = tensor_out and op not in HIDDEN_OPS
         p.reason = _float_reason(node, p, ctx, opaque, tensor_out) or ""
         if p.reason and node.meta.get("qcast_unfolded"):  # a BatchNorm fold_bn could not fold, kept in float
@@ -236,7 +238,7 @@ def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: b
     if reason:
         return reason
     if kernel.kind == "weight_only":  # int8 weights, float in and out: nothing to observe
-        p.engine = "native"
+        p.engine = kernel.impl.engine(node, ctx)
         return None
     inputs = kernel.impl.quant_inputs(node)
     if not inputs:

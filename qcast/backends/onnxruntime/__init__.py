@@ -204,8 +204,14 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
     return tuple(out)
 
 
+#: ops ONNX Runtime is not given (``Backend.torch_ops``): torch.onnx exports an EmbeddingBag as a Loop that ONNX
+#: Runtime rejects ("Nodes in a graph must be topologically sorted", onnxruntime 1.32); they run in torch between its
+#: stages
+TORCH_OPS = ("embedding_bag",)
+
+
 @register_backend("onnxruntime", requires="onnxruntime", install_hint='pip install "qcast[onnxruntime]"', conv_add=False,
-                  float_out=("linear",), explain=explain)
+                  float_out=("linear",), explain=explain, weight_only=(), torch_ops=TORCH_OPS)
 def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict) -> ONNXRuntimeModule:
     from ...nn import FusedConv
     from ..context import Ctx

@@ -292,10 +292,11 @@ def run_time_ops(qdq: fx.GraphModule) -> frozenset:
 
 def run_time_row(r: OpInfo, engine: str, tag: str) -> OpInfo:
     """The explain() row of a ``run_time_ops`` op on an engine, which runs it in float."""
+    hint = ("QuantConfig(activation='int8') gives it static int8 activations, which engines run int8" if r.op == "linear"
+            else "backend='torch' runs it int8")
     return OpInfo(r.name, r.op, "float", f"{tag}-float",
                   f"planned int8 for the torch backend ({r.reason}), whose kernel quantizes it at run time; the QDQ "
-                  f"graph has no quantize/dequantize for it, so {engine} runs it in float (QuantConfig(activation="
-                  "'int8') gives it static int8 activations, which engines run int8)")
+                  f"graph has no quantize/dequantize for it, so {engine} runs it in float ({hint})")
 
 
 def to_openvino(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
@@ -434,7 +435,13 @@ def settings(qdq: fx.GraphModule, threads: int) -> dict:
     return out
 
 
-@register_backend("openvino", requires="openvino", install_hint='pip install "qcast[openvino]"', explain=explain)
+#: ops OpenVINO is not given (``Backend.torch_ops``): its ONNX front end rejects the Loop torch.onnx exports for an
+#: EmbeddingBag ("node not found in graph cache", OpenVINO 2026.4); they run in torch between its stages
+TORCH_OPS = ("embedding_bag",)
+
+
+@register_backend("openvino", requires="openvino", install_hint='pip install "qcast[openvino]"', explain=explain,
+                  weight_only=("linear:dynamic",), torch_ops=TORCH_OPS)
 def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict) -> OpenVINOModule:
     import openvino as ov
 
