@@ -97,10 +97,11 @@ def cmd_ops(args) -> int:
 def backend_columns(table: str | None, only: str | None = None) -> list:
     """``(name, Backend)`` of every registered backend (installed or not: its declarations say what it would run)
     that executes the plans of kernel table ``table`` (None: any), or just ``only``."""
-    from .backends import _BACKENDS, backend_names
-    names = [only] if only else sorted((n for n in backend_names() if table is None or _BACKENDS[n].kernels == table),
+    from .backends import registered
+    table_of = registered()
+    names = [only] if only else sorted((n for n, b in table_of.items() if table is None or b.kernels == table),
                                       key=lambda n: (n != "torch", n))  # the reference executor first
-    return [(n, _BACKENDS[n]) for n in names]
+    return [(n, table_of[n]) for n in names]
 
 
 def runs_on(backend, kernel) -> str:

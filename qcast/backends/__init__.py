@@ -123,6 +123,12 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def registered() -> dict[str, Backend]:
+    """Every registered backend by name, installed or not (what each declares is known without its engine)."""
+    _load()
+    return dict(_BACKENDS)
+
+
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; UnsupportedError (with the pip command) when unknown or not installed."""
     _load()
@@ -167,5 +173,5 @@ def kernel_table(backend: str) -> str:
     return "torch" if backend in ("torch", "auto") else get_backend(backend).kernels
 
 
-__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table", "conv_add_rule",
+__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "registered", "kernel_table", "conv_add_rule",
            "check_traceable", "dynamic_linears"]
