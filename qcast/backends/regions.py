@@ -328,8 +328,8 @@ def explain(split: fx.GraphModule, backend, rows: list[tuple[str, object]]) -> t
                             f"{row.reason}; reads a value computed in torch, between the {split.qcast_engine} stages")
         elif why != "region" and row.precision == "int8" and _torch_kernel_ran(split, node):
             out[i] = OpInfo(row.name, row.op, "int8", f"torch:{row.engine}",
-                            f"{row.reason}; not given to {split.qcast_engine} (declared: its converter fails on "
-                            f"{why}), run by the torch backend's int8 kernel between the {split.qcast_engine} stages")
+                            f"{row.reason}; not given to {split.qcast_engine} (its converter cannot take {why}), "
+                            "run by the torch backend's int8 kernel between the {split.qcast_engine} stages")
         elif why != "region":
             out[i] = OpInfo(row.name, row.op, "float", "torch-float",
                             f"{row.reason}; {split.qcast_engine} cannot convert {why}: runs in torch between the "

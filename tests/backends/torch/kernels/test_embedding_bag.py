@@ -122,3 +122,4 @@ def test_engines_run_the_bag_int8_in_torch_between_their_stages(backend):
     x = _batches(1, seed=9)[0]
     with torch.no_grad():
         assert sqnr(model(*x), q(*x)) >= 30.0
+
