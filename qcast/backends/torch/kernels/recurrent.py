@@ -14,8 +14,9 @@ Measured against the float layer (torch 2.13, random init, 5 steps x 3 sequences
 floors on every configuration). Per-channel weights measured within 1.5 dB of per-tensor ones on random weights;
 trained weights have uneven channels, where per-channel is the safer grid.
 
-Not int8 (``check`` says why): ``proj_size > 0`` (the dynamic kernels have no projection), a ``PackedSequence``
-input, a module whose weights are not float32 parameters of the usual shapes. The engines (OpenVINO, ONNX Runtime)
+Not int8 (``check`` says why): ``proj_size > 0`` (the dynamic kernels have no projection), a ``PackedSequence``,
+unbatched (2-D) or non-float32 input, non-float32 weights. A layer with ``bias=False`` gets zero biases (torch.ao's
+dynamic modules require them). The engines (OpenVINO, ONNX Runtime)
 get the float layer in the QDQ graph and run it in float: ``explain()`` says so on those backends.
 """
 from __future__ import annotations
@@ -57,8 +58,12 @@ class QRecurrentDynamic(PackedKernelModule):
         self._names = names
         for k in names:
             self.register_buffer(k, tensors[k].detach().float().clone())
-        float_layer = _FLOAT[mode](**self.config)
-        float_layer.load_state_dict({k: getattr(self, k) for k in names})
+        # torch.ao's dynamic modules require biases: a layer without them gets zero biases (the same function)
+        float_layer = _FLOAT[mode](**dict(self.config, bias=True))
+        state = {k: getattr(self, k) for k in names}
+        for k, v in float_layer.state_dict().items():
+            state.setdefault(k, torch.zeros_like(v))
+        float_layer.load_state_dict(state)
         float_layer.eval()
         from torch.ao.quantization import per_channel_dynamic_qconfig
         float_layer.qconfig = per_channel_dynamic_qconfig
@@ -126,6 +131,11 @@ class RecurrentKernel(KernelImpl):
         if meta is None or not meta.is_float:
             return ("its input is not a floating-point tensor (a PackedSequence?): the dynamic int8 kernel takes "
                     "padded tensors; runs in float")
+        if meta.dtype != torch.float32:
+            return f"its input is {meta.dtype}; the dynamic int8 kernel takes float32; runs in float"
+        if len(meta.shape) != 3:
+            return (f"its input has {len(meta.shape)} dims (unbatched); the dynamic int8 kernel takes batched 3-D "
+                    "input; runs in float")
         return None
 
     @staticmethod

@@ -125,3 +125,24 @@ def test_engines_run_recurrent_layers_in_float_and_say_so(backend):
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert sqnr(ref[0], out[0]) >= 30.0 and sqnr(ref[1], out[1]) >= 30.0
+
+
+def test_layer_without_bias_runs_int8_and_unbatched_input_stays_float():
+    from qcast.backends.torch.kernels.recurrent import QRecurrentDynamic
+    torch.manual_seed(0)
+    gru = nn.GRU(6, 12, bias=False).eval()
+    x = torch.randn(7, 3, 6)
+    assert sqnr(gru(x)[0], QRecurrentDynamic.from_float(gru)(x)[0]) >= 35.0  # zero biases: the same function
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(6, 12), nn.Linear(12, 2)
+
+        def forward(self, x):  # (steps, features): no batch dim
+            return self.fc(self.rnn(x)[0])
+
+    model = Unbatched().eval()
+    q = qcast.quantize(model, [torch.randn(7, 6) for _ in range(3)], backend="torch")
+    row = next(r for r in qcast.explain(q) if r.op == "lstm")
+    assert row.precision == "float" and "unbatched" in row.reason, row
