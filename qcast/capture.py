@@ -71,6 +71,9 @@ MODULE_OPS: dict[type, str] = {
     nn.ZeroPad2d: "pad", nn.PixelShuffle: "pixel_shuffle", nn.EmbeddingBag: "embedding_bag",
 }
 
+#: the op names of layers with a weight (conv/linear-like): what explain() counts as "conv/linear int8"
+WEIGHTED_OPS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "linear")
+
 FUNCTION_OPS: dict[Any, str] = {
     operator.add: "add", torch.add: "add", operator.iadd: "add",
     operator.mul: "mul", torch.mul: "mul", operator.imul: "mul",
@@ -90,7 +93,8 @@ FUNCTION_OPS: dict[Any, str] = {
     torch.unsqueeze: "unsqueeze", operator.getitem: "getitem", torch.unbind: "unbind",
     F.interpolate: "interpolate", F.softmax: "softmax", torch.softmax: "softmax",
     F.log_softmax: "log_softmax", torch.mean: "mean", torch.sum: "sum",
-    F.conv1d: "conv1d", F.conv2d: "conv2d", F.linear: "linear", F.layer_norm: "layer_norm",
+    F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.linear: "linear",
+    F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d", F.layer_norm: "layer_norm",
     F.group_norm: "group_norm", F.batch_norm: "batch_norm", F.dropout: "dropout", F.pad: "pad",
     F.scaled_dot_product_attention: "scaled_dot_product_attention", F.embedding: "embedding",
     torch.clamp: "clamp", torch.exp: "exp", torch.neg: "neg", operator.neg: "neg",

@@ -54,7 +54,8 @@ def _rows_table(rows) -> str:
     for r in rows:
         out.append(f"{r.name:<{w}}  {r.op:<18} {r.precision:<5} {r.engine:<12} {r.reason}")
     n8 = sum(r.precision == "int8" for r in rows)
-    cl = [r for r in rows if r.op in ("conv1d", "conv2d", "linear")]
+    from .capture import WEIGHTED_OPS
+    cl = [r for r in rows if r.op in WEIGHTED_OPS]
     out.append(f"{n8}/{len(rows)} ops int8; conv/linear int8: {sum(r.precision == 'int8' for r in cl)}/{len(cl)}")
     return "\n".join(out)
 

@@ -10,8 +10,8 @@ import torch.nn as nn
 from .errors import NotCalibratedError, UnsupportedError
 from .backends import get_backend, kernel_table
 from .data import describe
-from .observers import bias_shift, fake_quant_weight
-from .backends.context import Ctx, int8_layers
+from .observers import bias_shift, fake_quant_tensor, fake_quant_weight
+from .backends.context import Ctx, int8_layers, transposed_layers
 from .nn import FusedConv
 from .quantized import QDQ, OpInfo, QuantizedModel
 from .quantizers import QuantizerPoint, check_output
@@ -85,6 +85,9 @@ def to_qdq(observed) -> fx.GraphModule:
             shift = bias_shift(conv, w, conv.weight.detach(), stats[target])
             bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(shift)
             conv.bias = nn.Parameter((bias - shift).to(w.dtype), requires_grad=False)
+    for conv in transposed_layers(gm).values():  # per-tensor 8-bit weights (kernels/conv_transpose.py says why)
+        conv.weight.data = fake_quant_tensor(conv.weight.detach())
+        conv.qcast_weight_qmax = 127
     for target, path in gm.meta.get("qcast_sim_weights", {}).items():  # simulated layers: weight fake-quantized
         layer = gm.get_submodule(target)
         layer = layer.conv if isinstance(layer, FusedConv) else layer

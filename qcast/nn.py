@@ -16,7 +16,7 @@ ACTIVATIONS = {
     "relu6": F.relu6,
 }
 
-_BASE_OP = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
+_BASE_OP = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d", nn.Linear: "linear"}
 
 
 def base_op(conv: nn.Module) -> str:
@@ -24,7 +24,7 @@ def base_op(conv: nn.Module) -> str:
     for cls, op in _BASE_OP.items():
         if isinstance(conv, cls):
             return op
-    raise TypeError(f"{type(conv).__name__} is not a Conv1d, Conv2d or Linear layer; it cannot be fused")
+    raise TypeError(f"{type(conv).__name__} is not a Conv1d, Conv2d, Conv3d or Linear layer; it cannot be fused")
 
 
 class FusedConv(nn.Module):

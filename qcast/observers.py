@@ -444,7 +444,7 @@ def bias_shift(layer: nn.Module, w: torch.Tensor, w_q: torch.Tensor, stats: Chan
     mean = stats.mean
     if isinstance(layer, nn.Linear):
         return dw @ mean
-    conv = torch.nn.functional.conv2d if isinstance(layer, nn.Conv2d) else torch.nn.functional.conv1d
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[dw.dim()]
     img = mean.view(1, -1, *([1] * len(stats.spatial))).expand(1, mean.numel(), *stats.spatial)
     out = conv(img, dw, None, layer.stride, layer.padding, layer.dilation, layer.groups)
     return out.mean(dim=[0] + list(range(2, out.dim())))
@@ -488,3 +488,16 @@ def quantize_weight(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
 
 def fake_quant_weight(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
     return quantize_weight(w, qmax).dequantize()
+
+
+def tensor_grid(w: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, float]:
+    """``(int8 weight, scale)`` per tensor, symmetric, ``scale = max|w| / qmax`` (transposed convs: no int8 engine
+    takes per-channel weights for them). A weight already on that grid comes back exactly."""
+    amax = float(w.detach().abs().max())
+    scale = amax / qmax if amax > 0 else 1.0
+    return torch.round(w.detach().float() / scale).clamp_(-qmax, qmax).to(torch.int8), scale
+
+
+def fake_quant_tensor(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    wq, scale = tensor_grid(w, qmax)
+    return wq.float() * scale

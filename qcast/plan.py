@@ -66,9 +66,12 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
             if p.kind == "compute" and hasattr(p.kernel.impl, "reduce_range"):
                 reduced = p.kernel.impl.reduce_range(p.engine)
                 p.input_qmax = 127 if reduced else 255
-                p.reason = "per-channel s8 weights, u8 activations" + (" (7-bit, reduce_range)" if reduced else "")
+                p.reason = (getattr(p.kernel.impl, "weights", "per-channel s8 weights") + ", u8 activations"
+                            + (" (7-bit, reduce_range)" if reduced else ""))
                 if fused or node.meta.get("qcast_folded"):
                     p.reason += "; fused " + "+".join(["bn"] * bool(node.meta.get("qcast_folded")) + list(fused))
+                if node.meta.get("qcast_functional_from"):  # passes/functional_layers.py
+                    p.reason += f"; written as {node.meta['qcast_functional_from']}, run as the layer"
                 if node.meta.get("qcast_engine_note"):
                     p.reason += "; " + node.meta["qcast_engine_note"]
                 note = scheme_note(node, p, ctx)
@@ -179,7 +182,7 @@ def weight_layer(node, ctx: Ctx):
     from .nn import FusedConv
     mod = ctx.modules.get(node.target) if node.op == "call_module" else None
     mod = mod.conv if isinstance(mod, FusedConv) else mod
-    return mod if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) else None
+    return mod if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) else None
 
 
 def _simulated(node, p: Plan, ctx: Ctx) -> str | None:

@@ -132,13 +132,15 @@ def check_patterns(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, st
 
 
 def transform(gm: fx.GraphModule, config: QuantConfig, values: list[Any], keep_bn: bool = False) -> None:
-    """The graph passes, in place: fold constants, fold BN, equalize (``config.equalize``), fuse, then SmoothQuant's
+    """The graph passes, in place: fold constants, functional layers into modules, fold BN, equalize (``config.equalize``), fuse, then SmoothQuant's
     ``Smooth`` nodes (``config.smoothquant``; identities until calibration picks their scales). Fusing a residual
     add depends on shapes, so shapes are propagated (``node.meta['qcast_val']``) before ``equalize`` / ``fuse`` and again
     after it for the nodes it creates. The equalization summary goes to ``gm.meta['qcast_equalization']``.
     ``compare`` runs this too, so its float graph has the same op names as the quantized one."""
     passes.fold_constants(gm)
     _debug("fold_constants", gm)
+    if passes.functional_layers(gm):  # F.conv2d/F.linear/x @ W with a model-owned weight -> the standard layer
+        _debug("functional_layers", gm)
     passes.fold_bn(gm, keep=keep_bn)
     _debug("fold_bn", gm)
     propagate_shapes(gm, values)

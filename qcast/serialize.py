@@ -223,7 +223,7 @@ def _module_spec(path: str, m: nn.Module, tensors: dict[str, torch.Tensor], kern
         if kw is not None:
             state = m.state_dict()
             compact = (_compact_weight(m, dynamic=kernel == "linear:dynamic") if kernel and isinstance(
-                m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)) else None)
+                m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)) else None)
             if compact is not None:  # an int8 layer of a QDQ graph: its weight in the 8-bit form it runs as
                 del state["weight"]
                 tensors.update({f"{path}::{k}": t for k, t in compact[1].items()})

@@ -61,9 +61,16 @@ def int8_layers(gm: fx.GraphModule) -> dict[str, nn.Module]:
         if is_int8(node) and node.op == "call_module":
             mod = gm.get_submodule(node.target)
             conv = mod.conv if isinstance(mod, FusedConv) else mod
-            if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 out[node.target] = conv
     return out
+
+
+def transposed_layers(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """Module path -> nn.ConvTranspose1d/2d of every int8 transposed conv in ``gm`` (per-tensor int8 weights:
+    ``kernels/conv_transpose.py``)."""
+    return {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if is_int8(n) and n.op == "call_module"
+            and isinstance(gm.get_submodule(n.target), (nn.ConvTranspose1d, nn.ConvTranspose2d))}
 
 
 def dynamic_linears(gm: fx.GraphModule) -> dict[str, nn.Linear]:

@@ -1,6 +1,6 @@
 """Fold BatchNorm into the conv/linear before it.
 
-Pattern (forward order): ``conv1d|conv2d|linear -> batch_norm``, when the conv's output feeds only the BN
+Pattern (forward order): ``conv1d|conv2d|conv3d|conv_transpose1d|conv_transpose2d|linear -> batch_norm``, when the conv's output feeds only the BN
 and the conv module is called at one place. A BN that cannot be folded stays in the graph with the reason in
 ``node.meta["qcast_unfolded"]``: it then runs as its own int8 op where a kernel takes it (``kernels/norm.py``),
 else in float, and ``explain()`` says why either way.
@@ -13,7 +13,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ._util import call_sites, finish, only_user, set_module
 
-PATTERNS = [((nn.Conv1d, nn.Conv2d), (nn.BatchNorm1d, nn.BatchNorm2d)), ((nn.Linear,), (nn.BatchNorm1d,))]
+PATTERNS = [((nn.Conv1d, nn.Conv2d), (nn.BatchNorm1d, nn.BatchNorm2d)), ((nn.Conv3d,), (nn.BatchNorm3d,)),
+            ((nn.ConvTranspose1d, nn.ConvTranspose2d), (nn.BatchNorm1d, nn.BatchNorm2d)),
+            ((nn.Linear,), (nn.BatchNorm1d,))]
 
 
 def fold_bn(gm: fx.GraphModule, keep: bool = False) -> fx.GraphModule:
@@ -31,7 +33,8 @@ def fold_bn(gm: fx.GraphModule, keep: bool = False) -> fx.GraphModule:
             bn_node.meta["qcast_unfolded"] = reason
             continue
         conv = modules[src.target]
-        fused = fuse_linear_bn_eval(conv, bn) if isinstance(conv, nn.Linear) else fuse_conv_bn_eval(conv, bn)
+        fused = fuse_linear_bn_eval(conv, bn) if isinstance(conv, nn.Linear) else fuse_conv_bn_eval(
+            conv, bn, transpose=isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d)))
         if keep:
             gm.meta.setdefault("qcast_bn_sources", {})[src.target] = (conv, bn)
         set_module(gm, src.target, fused)

@@ -2,7 +2,7 @@
 
 Rules, in forward order (each a pattern the graph is scanned for):
 
-* ``conv1d|conv2d|linear -> relu|relu6``            -> FusedConv(act)
+* ``conv1d|conv2d|conv3d|linear -> relu|relu6``     -> FusedConv(act)
 * ``conv2d -> add(·, other) [-> relu]``             -> FusedConv(add=True, act) (onednn conv2d_add[_relu])
 * ``add(a, b) -> relu``                             -> add_relu (one int8 kernel)
 * ``batch_norm (not folded) -> relu``               -> FusedBatchNorm (quantized::batch_norm_relu)
@@ -32,7 +32,7 @@ from ..config import QuantConfig
 from ..nn import FusedBatchNorm, FusedConv, add_relu
 from ._util import call_sites, finish, only_user, set_module
 
-BASES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 ADD_TARGETS = (operator.add, torch.add, operator.iadd)
 
 

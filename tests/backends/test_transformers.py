@@ -44,7 +44,9 @@ def deit(activation: str = "auto"):
     data = zoo_calibration(input_fn)
     observed = qcast.prepare(model, data[0], qcast.QuantConfig(activation=activation))
     qcast.calibrate(observed, data, progress=False)
-    return model, observed, input_fn(batch=2, seed=10_000)
+    # 8 held-out images: on 2 the engine-vs-torch comparison below swung by +-1.5 dB from image to image (an AMD EPYC
+    # run: OpenVINO 34.2-36.7 dB, torch 34.1-35.4 over five pairs)
+    return model, observed, input_fn(batch=8, seed=10_000)
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ...capture import WEIGHTED_OPS
 from ...quantized import OpInfo
 from .. import dynamic_linears, register_backend
 from ..openvino import run_time_ops, run_time_row
@@ -26,10 +27,10 @@ from ..structure import flat_inputs, shape_error, unflatten
 from .export import export_qdq_onnx, to_onnx
 
 #: ORT's int8 kernels that carry a conv/linear's weights (contrib ops of its QDQ fusions on CPU)
-FUSED_WEIGHTED = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
+FUSED_WEIGHTED = ("QLinearConv", "QLinearConvTranspose", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
                   "DynamicQuantizeMatMul", "QAttention")
 #: float ORT ops a conv/linear ends up in when its pattern did not fuse
-FLOAT_WEIGHTED = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "NchwcConv")
+FLOAT_WEIGHTED = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "NchwcConv", "ConvTranspose")
 #: suffix of an int8 weight initializer (``canonical``): ``<module path>.weight_int8``
 WEIGHT = ".weight_int8"
 #: suffix of its scale initializer: what is left to find a linear by once ORT folded the transpose of its weight into
@@ -216,7 +217,7 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
                               "tensor): it runs as a float MatMul; backend='openvino' or 'torch' run it int8, or "
                               "QuantConfig(activation='int8') makes it static int8 here"))
             continue
-        if r.op not in ("conv1d", "conv2d", "linear") or kind is None:
+        if r.op not in WEIGHTED_OPS or kind is None:
             out.append(OpInfo(r.name, r.op, r.precision, "onnxruntime" if r.precision == "int8" else "onnxruntime-float",
                               r.reason))
         elif kind in FUSED_WEIGHTED or r.precision != "int8":

@@ -44,6 +44,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ...capture import WEIGHTED_OPS
 from ...quantized import OpInfo
 from .. import check_traceable, dynamic_linears, register_backend
 from ..regions import unconverted
@@ -77,6 +78,19 @@ class WeightGrid(nn.Module):
         return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, 0, -128, 127)
 
 
+class TensorGrid(nn.Module):
+    """Parametrization: ``w`` -> ``fake_quantize_per_tensor_affine(w)`` on a transposed conv's per-tensor int8 grid
+    (``max|w| / 127``, zero point 0); ``w`` is already on it."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        from ...observers import tensor_grid
+        self.scale = tensor_grid(w)[1]
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(w, self.scale, 0, -128, 127)
+
+
 class CompressedWeight(nn.Module):
     """Parametrization: the weight as ``int8 constant * per-channel scale`` (the grid of the torch backend's per-token
     kernel, ``QLinearDynamic.from_float``: ``max|w| / 127``). OpenVINO keeps the int8 constant and compiles the
@@ -98,7 +112,7 @@ class CompressedWeight(nn.Module):
 def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
     """A copy of the QDQ graph whose int8 conv/linear weights are fake-quantized per channel when read, and whose
     per-token dynamic linears read an int8 constant (``CompressedWeight``)."""
-    from ..context import int8_layers
+    from ..context import int8_layers, transposed_layers
     from ...observers import weight_scales
 
     gm = copy.deepcopy(qdq)
@@ -106,6 +120,8 @@ def mark_int8_weights(qdq: fx.GraphModule) -> fx.GraphModule:
         # qcast_weight_qmax < 127 for weight_bits < 8: the grid's step is max|w| / qmax, its ints fit [-128, 127]
         scale = weight_scales(conv.weight, conv.qcast_weight_qmax)
         parametrize.register_parametrization(conv, "weight", WeightGrid(scale), unsafe=True)
+    for conv in transposed_layers(gm).values():  # per-tensor weights (kernels/conv_transpose.py)
+        parametrize.register_parametrization(conv, "weight", TensorGrid(conv.weight), unsafe=True)
     for linear in dynamic_linears(gm).values():
         parametrize.register_parametrization(linear, "weight", CompressedWeight(linear.weight), unsafe=True)
     return gm
@@ -126,17 +142,40 @@ class OpenVINOModule(nn.Module):
                  paths: dict | None = None, run_time: frozenset = frozenset()):
         super().__init__()
         self.run_time = run_time  # explain() row names of ops the torch backend quantizes at run time (weight_only)
-        self.compiled, self.signature, self.in_spec, self.out_spec = compiled, signature, in_spec, out_spec
+        self.signature, self.in_spec, self.out_spec = signature, in_spec, out_spec
         self.layers = layers  # runtime layer name -> runtime precision ("u8", "i8", "f32", ...) per weighted layer
         self.names = names    # explain() row name -> module path of its call_module node
         self.dynamic = dynamic  # module paths of the per-token dynamic linears (weight-compressed, CompressedWeight)
         self.paths = paths or {}  # original layer name -> module path, for a model read from ONNX (to_openvino)
-        self._request = compiled.create_infer_request()
         self._model, self._settings = model, settings  # the dynamic-shape ov.Model and its compile settings
+        self._compiled = compiled  # the dynamic-shape compile: made when first needed (None until then)
+        self._request = None
         self._static: dict[tuple, tuple] = {}  # input shapes -> (compiled model, infer request)
         self._lock = threading.Lock()
+        if compiled is None and model is None:
+            raise ValueError("OpenVINOModule needs a compiled model or an ov.Model to compile")
 
-    def _for_shapes(self, tensors) -> tuple:
+    @property
+    def compiled(self):
+        """The dynamic-shape compile (batch and spatial sizes free), compiled on first use: ``lower`` compiles only
+        the calibration shape's static compile (what ``auto`` times and ``explain`` reads back), so a model that only
+        ever sees its first ``MAX_STATIC`` shapes compiles once (BlazeFace: one of two compiles saved at quantize)."""
+        if self._compiled is None:
+            import openvino as ov
+            self._compiled = ov.Core().compile_model(self._model, "CPU", self._settings)
+        return self._compiled
+
+    def _inputs(self):
+        """The model's inputs with their free dims (no compile needed)."""
+        return self._model.inputs if self._model is not None else self.compiled.inputs
+
+    def static_compile(self, tensors):
+        """The static-shape compile for these inputs (made now if not yet, within ``MAX_STATIC``), or None."""
+        with self._lock:
+            got = self._for_shapes(tensors, dynamic=False)
+        return None if got is None else got[0]
+
+    def _for_shapes(self, tensors, dynamic: bool = True) -> tuple:
         """(compiled model, infer request) for these inputs: a static-shape compile (made on the first call of a shape,
         up to ``MAX_STATIC``), else the dynamic one. Called under the lock."""
         key = tuple(tuple(t.shape) for t in tensors)
@@ -147,14 +186,18 @@ class OpenVINOModule(nn.Module):
             static.reshape({i: ov.PartialShape(list(shape)) for i, shape in zip(static.inputs, key)})
             compiled = ov.Core().compile_model(static, "CPU", self._settings)
             got = self._static[key] = (compiled, compiled.create_infer_request())
-        return got or (self.compiled, self._request)
+        if got is None and dynamic:
+            if self._request is None:
+                self._request = self.compiled.create_infer_request()
+            got = (self.compiled, self._request)
+        return got
 
     def forward(self, *args, **kwargs):
         tensors = flat_inputs(self.signature, self.in_spec, args, kwargs, "OpenVINO")
         feed = [t.detach().cpu().contiguous().numpy() for t in tensors]
         # checked here: on one thread, OpenVINO 2026.4 returned an empty output for a 4-channel input to a
         # 3-channel conv instead of raising
-        if not all(i.get_partial_shape().compatible(_shape(t)) for i, t in zip(self.compiled.inputs, tensors)):
+        if not all(i.get_partial_shape().compatible(_shape(t)) for i, t in zip(self._inputs(), tensors)):
             raise self._shape_error(tensors, "")
         with self._lock:
             try:
@@ -166,17 +209,18 @@ class OpenVINOModule(nn.Module):
         return unflatten(self.out_spec, outs)
 
     def _shape_error(self, tensors, detail: str):
-        return shape_error("OpenVINO", ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs), tensors,
+        return shape_error("OpenVINO", ", ".join(str(i.get_partial_shape()) for i in self._inputs()), tensors,
                            "batch and spatial sizes are free, the channels are those of the calibration data", detail)
 
     def extra_repr(self) -> str:
-        return "openvino: " + ", ".join(str(i.get_partial_shape()) for i in self.compiled.inputs)
+        return "openvino: " + ", ".join(str(i.get_partial_shape()) for i in self._inputs())
 
     @property
     def dynamic_group(self) -> int:
         """The compiled model's ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` (0: weight-compressed linears run in f32)."""
         try:
-            return int(self.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
+            compiled = next(iter(self._static.values()))[0] if self._static else self.compiled
+            return int(compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
         except RuntimeError:  # an OpenVINO without the property has no dynamic quantization
             return 0
 
@@ -236,10 +280,13 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
                 by_aten.setdefault(op, set()).add(layer)
     by_path: dict[str, set[tuple[str, str]]] = {}
     paths = getattr(lowered, "paths", {})
+    unnamed: set[tuple[str, str]] = set()  # weighted runtime layers no original name maps to a module (model outputs)
     for name, layer in lowered.layers.items():
         path = _onnx_path(name, paths) or _module_path(name)
         if path is not None:
             by_path.setdefault(path, set()).add(layer)
+        elif layer[0] in WEIGHTED_LAYERS:
+            unnamed.add(layer)
     out = []
     for r in rows:
         if r.name in lowered.run_time and lowered.names.get(r.name) not in lowered.dynamic:  # dynamic: run int8 below
@@ -253,7 +300,7 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
             continue
         target = lowered.names.get(r.name)
         found = (by_path.get(target, set()) | by_path.get(f"{target}.conv", set())) if target else set()
-        if r.op in ("conv1d", "conv2d", "linear"):
+        if r.op in WEIGHTED_OPS:
             found = {layer for layer in found if layer[0] in WEIGHTED_LAYERS}
         precisions = sorted({p for _, p in found})
         compiled = by_aten.get(r.op, set()) if target is None and r.precision == "int8" else set()
@@ -262,6 +309,14 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
             out.append(OpInfo(r.name, r.op, "float", f"openvino:{kinds}",
                               f"planned int8 ({r.reason}), but OpenVINO compiled every {r.op} of this model into "
                               f"{kinds} in f32: its FakeQuantize points only round the values"))
+        elif not precisions and r.op in WEIGHTED_OPS and r.precision == "int8" and any(
+                p not in ("u8", "i8") for _, p in unnamed):
+            # OpenVINO renamed the layer (e.g. after the model output it writes) and some such unnamed layer runs in
+            # float: do not claim int8 for what cannot be read back
+            kinds = "/".join(sorted({f"{k} {p}" for k, p in unnamed}))
+            out.append(OpInfo(r.name, r.op, "float", "openvino:unnamed",
+                              f"planned int8 ({r.reason}), but OpenVINO's runtime model does not name this layer and "
+                              f"its unnamed weighted layers run as {kinds}: reported float"))
         elif not precisions:
             out.append(OpInfo(r.name, r.op, r.precision, "openvino" if r.precision == "int8" else "openvino-float",
                               r.reason))
@@ -338,7 +393,17 @@ def _onnx_front_end(qdq: fx.GraphModule) -> bool:
     """Whether OpenVINO reads this graph from the shared ONNX export: CNN-like graphs (measured: same compiled layers,
     latency and agreement as the TorchScript front end), not transformer graphs (per-token dynamic linears, attention,
     whose read-back in ``explain()`` is mapped and tested for TorchScript's layer names)."""
-    return not dynamic_linears(qdq) and not any(n.meta.get("qcast_op") in TORCHSCRIPT_OPS for n in qdq.graph.nodes)
+    from ..context import Ctx
+
+    def needs_torchscript(n: fx.Node) -> bool:
+        op = n.meta.get("qcast_op")
+        if op != "softmax":
+            return op in TORCHSCRIPT_OPS
+        # a float softmax (a CNN's classification head: BlazeFace) has no row to read back; an int8 one belongs to an
+        # attention, whose rows are mapped for TorchScript's names
+        return (p := Ctx.plan(n)) is not None and p.precision == "int8"
+
+    return not dynamic_linears(qdq) and not any(needs_torchscript(n) for n in qdq.graph.nodes)
 
 
 def model_from_onnx(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
@@ -349,7 +414,6 @@ def model_from_onnx(qdq: fx.GraphModule, example_args: tuple, example_kwargs: di
     latency on ResNet-18, MobileNetV2 and BlazeFace, the same agreement with the simulation (42.3 vs 42.2 dB on
     ResNet-18), in 0.4-0.5 instead of 2.4-3.4 CPU s (plus the export ONNX Runtime needs anyway, 0.6-0.9 s)."""
     import importlib.util
-    import io
 
     if importlib.util.find_spec("onnx") is None:
         return None
@@ -363,7 +427,10 @@ def model_from_onnx(qdq: fx.GraphModule, example_args: tuple, example_kwargs: di
         return None
     if not exported.spatial_free:
         return None
-    model = ov.convert_model(io.BytesIO(exported.model.SerializeToString()))
+    # read_model, not convert_model: the same compiled layers and outputs (BlazeFace: 46 u8 convolutions, outputs
+    # bit-identical), without the converter's preprocessing and MOC passes that compile_model repeats (0.3-0.4 s
+    # instead of 3.3-5.3 s on BlazeFace, the machine loaded)
+    model = ov.Core().read_model(exported.model.SerializeToString(), b"")
     return model, exported.signature, exported.in_spec, exported.out_spec, onnx_paths(exported.model, qdq)
 
 
@@ -465,8 +532,12 @@ def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict
     config = settings(qdq, torch.get_num_threads())
     if "DYNAMIC_QUANTIZATION_GROUP_SIZE" not in core.get_property("CPU", "SUPPORTED_PROPERTIES"):
         del config["DYNAMIC_QUANTIZATION_GROUP_SIZE"]  # older OpenVINO: explain() then reports those linears f32
-    compiled = core.compile_model(model, "CPU", config)
     names = {n.meta["qcast_name"]: n.target for n in qdq.graph.nodes
              if n.op == "call_module" and Ctx.plan(n) is not None and "qcast_name" in n.meta}
-    return OpenVINOModule(compiled, signature, in_spec, out_spec, read_back(compiled), names, model, config,
-                          frozenset(dynamic_linears(qdq)), paths, run_time_ops(qdq))
+    module = OpenVINOModule(None, signature, in_spec, out_spec, {}, names, model, config,
+                            frozenset(dynamic_linears(qdq)), paths, run_time_ops(qdq))
+    # one compile at lowering: the calibration shape's static one, which auto times and explain() reads back; the
+    # dynamic-shape compile waits for a shape beyond MAX_STATIC
+    example = flat_inputs(signature, in_spec, example_args, example_kwargs, "OpenVINO")
+    module.layers = read_back(module.static_compile(example) or module.compiled)
+    return module

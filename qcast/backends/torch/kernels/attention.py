@@ -136,9 +136,9 @@ class MatmulKernel(KernelImpl):
         for x in node.args:
             if not isinstance(x, fx.Node):
                 return f"operand {x!r} is not a tensor"
-            if x.op == "get_attr":
-                return (f"operand '{x.target}' is a parameter/buffer: a product with a weight is a linear layer; "
-                        "use nn.Linear (int8) or it runs in float")
+            if x.op == "get_attr":  # passes/functional_layers.py made a linear of every ``x @ W`` it could
+                why = node.meta.get("qcast_functional") or "a parameter/buffer as the first operand (W @ x) is not a linear layer"
+                return f"operand '{x.target}' is a parameter/buffer: {why}; it runs in float"
             meta = ctx.meta(x)
             if meta is None or not meta.is_float:
                 return f"operand {_name(x)} is not a floating-point tensor"

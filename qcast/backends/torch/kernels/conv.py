@@ -14,8 +14,20 @@ from .registry import register
 _OPS = {
     ("conv2d", None): torch.ops.quantized.conv2d.new, ("conv2d", "relu"): torch.ops.quantized.conv2d_relu.new,
     ("conv1d", None): torch.ops.quantized.conv1d, ("conv1d", "relu"): torch.ops.quantized.conv1d_relu,
+    ("conv3d", None): torch.ops.quantized.conv3d.new, ("conv3d", "relu"): torch.ops.quantized.conv3d_relu.new,
     ("linear", None): torch.ops.quantized.linear, ("linear", "relu"): torch.ops.quantized.linear_relu,
 }
+
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FN = {"conv1d": torch.nn.functional.conv1d, "conv2d": torch.nn.functional.conv2d,
+            "conv3d": torch.nn.functional.conv3d}
+
+
+def _kind(conv: nn.Module) -> str:
+    if isinstance(conv, nn.Linear):
+        return "linear"
+    return "conv1d" if isinstance(conv, nn.Conv1d) else "conv3d" if isinstance(conv, nn.Conv3d) else "conv2d"
 
 
 def _split(mod: nn.Module) -> tuple[nn.Module, str | None, bool]:
@@ -28,7 +40,8 @@ def _pack(kind: str, wq: torch.Tensor, bias, stride, padding, dilation, groups, 
     with engine_scope(engine):
         if kind == "linear":
             return torch.ops.quantized.linear_prepack(wq, bias)
-        prepack = torch.ops.quantized.conv2d_prepack if kind == "conv2d" else torch.ops.quantized.conv1d_prepack
+        prepack = {"conv1d": torch.ops.quantized.conv1d_prepack, "conv2d": torch.ops.quantized.conv2d_prepack,
+                   "conv3d": torch.ops.quantized.conv3d_prepack}[kind]
         return prepack(wq, bias, list(stride), list(padding), list(dilation), groups)
 
 
@@ -81,7 +94,7 @@ class QConv(PackedKernelModule):
     def from_float(cls, mod: nn.Module, out_scale: float | None, out_zero_point: int | None, engine: str):
         """``out_scale=None``: an fp32 output (no int8 op reads it)."""
         conv, act, add = _split(mod)
-        kind = "linear" if isinstance(conv, nn.Linear) else ("conv1d" if isinstance(conv, nn.Conv1d) else "conv2d")
+        kind = _kind(conv)
         # a fewer-bit weight of the QDQ graph is already on its grid; to_qdq marks the grid's largest int on the layer
         wq = quantize_weight(conv.weight, getattr(conv, "qcast_weight_qmax", 127))
         kw = {} if kind == "linear" else dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
@@ -155,6 +168,10 @@ class QConv(PackedKernelModule):
                                                          self.bias, *conv, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0,
                                                          "relu" if self.act == "relu" else "none", [], "")
             return torch.clamp_(y, 0.0, 6.0) if self.act == "relu6" else y
+        if self.kind == "conv3d" and self.act:  # oneDNN's fp32-output conv3d takes no post-op ("Unsupported post op")
+            y = torch.ops.onednn.qconv_pointwise(xb, xs, xz, self._packed, self.weight_scales, self._wzp, self.bias,
+                                                 *conv, 1.0, 0, torch.float32, "none", [], "")
+            return y.clamp_(0.0, 6.0 if self.act == "relu6" else None)
         clamp = self.act == "relu6" and self.kind == "conv1d"  # oneDNN's conv1d has no hardtanh post-op: relu, then clamp
         post, args = {"relu": ("relu", []), "relu6": ("relu", []) if clamp else ("hardtanh", [0.0, 6.0])}.get(
             self.act, ("none", []))
@@ -170,8 +187,7 @@ class QConv(PackedKernelModule):
         if self.kind == "linear":
             y = torch.nn.functional.linear(xf, w, self.bias)
         else:
-            fn = torch.nn.functional.conv2d if self.kind == "conv2d" else torch.nn.functional.conv1d
-            y = fn(xf, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            y = _CONV_FN[self.kind](xf, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.add:
             y = y + accum.dequantize()
         if self.act == "relu":
@@ -213,7 +229,7 @@ class QConv(PackedKernelModule):
     def input_mismatch(self, x, accum=None) -> str | None:
         """What is wrong with an input this layer cannot take (QuantizedModel's error names it), or None."""
         linear = self.kind == "linear"
-        want_rank = {"conv1d": 3, "conv2d": 4}.get(self.kind)
+        want_rank = {"conv1d": 3, "conv2d": 4, "conv3d": 5}.get(self.kind)
         if want_rank and x.dim() != want_rank:
             return f"expects a rank-{want_rank} input (batch, channels, ...), got rank {x.dim()} {list(x.shape)}"
         want = self.weight_int8.shape[1] * (1 if linear else self.groups)
@@ -247,30 +263,26 @@ class QConv(PackedKernelModule):
                 + (", fp32 out" if self.float_out else f", out_scale={self.out_scale:.4g}, zp={self.out_zero_point}"))
 
 
-@register("conv1d", "conv2d", "linear", kind="compute", engines=("onednn", "x86", "fbgemm", "qnnpack"),
+@register("conv1d", "conv2d", "conv3d", "linear", kind="compute", engines=("onednn", "x86", "fbgemm", "qnnpack"),
           notes="per-channel s8 weights, u8 activations; engine='auto' picks onednn, x86, fbgemm, qnnpack (ARM) in "
-                "that order, the first that runs the layer; fused BN, relu/relu6; residual add(+relu) on onednn")
+                "that order, the first that runs the layer; fused BN, relu/relu6; residual add(+relu) on onednn (conv2d)")
 class ConvKernel(KernelImpl):
     @staticmethod
     def check(node: fx.Node, ctx) -> str | None:
-        if node.op != "call_module":
-            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if node.op != "call_module":  # passes/functional_layers.py made a layer of every one it could
             fn = f"F.{ctx.op(node)}"
-            if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                return (f"{fn} with the weight '{weight.target}' (a parameter or buffer of the model) has no int8 kernel "
-                        f"yet: written as an nn.{'Linear' if ctx.op(node) == 'linear' else 'Conv' + ctx.op(node)[4:]} "
-                        "module it would run int8 (functional layers are on the roadmap)")
-            return f"{fn} with a weight computed at run time (an activation, not a parameter) runs in float"
+            why = node.meta.get("qcast_functional") or "its weight is not a parameter or buffer of the model"
+            return f"{fn}: {why}"
         conv, act, add = _split(ctx.module(node))
-        if isinstance(conv, (nn.Conv1d, nn.Conv2d)) and conv.padding_mode != "zeros":
+        if isinstance(conv, CONVS) and conv.padding_mode != "zeros":
             return f"padding_mode={conv.padding_mode!r} has no int8 kernel (only 'zeros')"
-        if isinstance(conv, (nn.Conv1d, nn.Conv2d)) and isinstance(conv.padding, str):
+        if isinstance(conv, CONVS) and isinstance(conv.padding, str):
             return f"padding={conv.padding!r} (string padding) has no int8 kernel; use explicit padding"
         reason = not_float_input(node, ctx)
         if reason:
             return reason
         meta = input_meta(node, ctx)
-        want = {"conv2d": 4, "conv1d": 3}.get(ctx.op(node))
+        want = {"conv2d": 4, "conv1d": 3, "conv3d": 5}.get(ctx.op(node))
         if want and len(meta.shape) != want:
             return f"{ctx.op(node)} on a rank-{len(meta.shape)} input has no int8 kernel (batched input expected)"
         if add and not isinstance(node.args[1], fx.Node):
@@ -323,8 +335,8 @@ class ConvKernel(KernelImpl):
             if isinstance(conv, nn.Linear):
                 ref = torch.nn.functional.linear(x.dequantize(), w, conv.bias)
             else:
-                fn = torch.nn.functional.conv2d if isinstance(conv, nn.Conv2d) else torch.nn.functional.conv1d
-                ref = fn(x.dequantize(), w, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+                ref = _CONV_FN[_kind(conv)](x.dequantize(), w, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                            conv.groups)
         span = float(ref.abs().max()) * (2 if add else 1) or 1.0
         scale, zp = 2 * span / 255, 128
         acc = None

@@ -125,7 +125,8 @@ def test_op_runs_int8_between_int8_layers_and_matches_float(name):
     assert_sqnr(r.sqnr, threshold, name)
 
 
-def test_matmul_with_a_parameter_operand_runs_in_float_and_says_why():
+def test_matmul_with_a_parameter_operand_runs_as_an_int8_linear():
+    """``x @ self.w`` is a linear layer (passes/functional_layers.py): int8, named as captured, op ``linear``."""
     class ParamMatmul(nn.Module):
         def __init__(self):
             super().__init__()
@@ -136,8 +137,8 @@ def test_matmul_with_a_parameter_operand_runs_in_float_and_says_why():
 
     torch.manual_seed(0)
     r = quantize_small(ParamMatmul(), SEQ, batches=2)
-    row = next(x for x in r.rows if x.op == "matmul")
-    assert row.precision == "float" and "'w' is a parameter/buffer" in row.reason and "nn.Linear" in row.reason
+    row = next(x for x in r.rows if x.name == "matmul")
+    assert row.op == "linear" and row.precision == "int8" and "written as x @ weight" in row.reason, row
 
 
 # ------------------------------------------------------------------------------------------------

@@ -176,9 +176,11 @@ def test_functional_conv_and_linear_say_whether_their_weight_is_a_parameter():
 
     qmodel = qcast.quantize(Functional().eval(), [torch.randn(1, 3, 8, 8)], progress=False, check_speed=False)
     rows = {r.name: r for r in qcast.explain(qmodel)}
-    assert "'weight' (a parameter or buffer of the model)" in rows["conv2d"].reason and "nn.Conv2d" in rows["conv2d"].reason
-    assert "computed at run time (an activation" in rows["conv2d#2"].reason, rows["conv2d#2"].reason
-    assert "'proj' (a parameter or buffer" in rows["linear"].reason and "nn.Linear" in rows["linear"].reason
+    # a parameter/buffer weight: run as the layer, int8 (passes/functional_layers.py)
+    assert rows["conv2d"].precision == "int8" and "written as F.conv2d" in rows["conv2d"].reason, rows["conv2d"]
+    assert rows["linear"].precision == "int8" and "written as F.linear" in rows["linear"].reason, rows["linear"]
+    assert rows["conv2d#2"].precision == "float", rows["conv2d#2"]
+    assert "computed at run time (from an input" in rows["conv2d#2"].reason, rows["conv2d#2"].reason
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,3 +289,25 @@ def test_an_engine_that_computes_a_layer_wrong_is_not_used_for_it(monkeypatch):
     assert convs and all(row.precision == "int8" and row.engine != "onednn" for row in convs), convs
     assert all("not on onednn" in row.reason and "computes this layer wrong" in row.reason for row in convs), convs
     assert_sqnr(r.sqnr, 25.0, "conv on the engine that computes it right")
+
+
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_conv3d_runs_int8_on_its_engine_against_exact_int8_arithmetic(act):
+    """Conv3d: quantized::conv3d (requantized) and oneDNN's qconv_pointwise (fp32 output; its conv3d takes no post-op,
+    so relu is applied after it) against the same int8 values computed in float."""
+    from qcast.backends.torch.kernels.conv import ConvKernel, QConv
+    from qcast.nn import FusedConv
+    from qcast.observers import fake_quant_weight
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 6, 3, padding=1, stride=(1, 2, 2)).eval()
+    mod = FusedConv(conv, act=act) if act else conv
+    x = torch.quantize_per_tensor(torch.rand(1, 4, 3, 8, 8) * 2 - 1, 2 / 255, 128, torch.quint8)
+    ref = torch.nn.functional.conv3d(x.dequantize(), fake_quant_weight(conv.weight), conv.bias, conv.stride, conv.padding)
+    ref = (ref.relu() if act else ref).detach()
+    for engine in ("onednn", "x86", "fbgemm"):
+        if engine not in torch.backends.quantized.supported_engines:
+            continue
+        ConvKernel._try(mod, (1, 4, 3, 8, 8), engine)  # the probe passes on every x86 engine
+        fp32 = QConv.from_float(mod, None, None, engine)(x)
+        assert float(10 * torch.log10(ref.pow(2).mean() / (ref - fp32).pow(2).mean())) > 100, engine
