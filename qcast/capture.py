@@ -68,7 +68,7 @@ MODULE_OPS: dict[type, str] = {
     nn.Identity: "identity", nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax",
     nn.GroupNorm: "group_norm", nn.LayerNorm: "layer_norm", nn.InstanceNorm2d: "instance_norm",
     nn.Embedding: "embedding", nn.LSTM: "lstm", nn.GRU: "gru", nn.MultiheadAttention: "multihead_attention",
-    nn.ZeroPad2d: "pad", nn.PixelShuffle: "pixel_shuffle",
+    nn.ZeroPad2d: "pad", nn.PixelShuffle: "pixel_shuffle", nn.EmbeddingBag: "embedding_bag",
 }
 
 #: the op names of layers with a weight (conv/linear-like): what explain() counts as "conv/linear int8"
@@ -82,7 +82,8 @@ FUNCTION_OPS: dict[Any, str] = {
     torch.cat: "cat", torch.concat: "cat", torch.stack: "stack",
     F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardtanh: "hardtanh", F.hardswish: "hardswish",
     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
-    F.gelu: "gelu", F.silu: "silu", F.leaky_relu: "leaky_relu", F.hardsigmoid: "hardsigmoid",
+    F.gelu: "gelu", F.silu: "silu", F.leaky_relu: "leaky_relu", F.hardsigmoid: "hardsigmoid", F.elu: "elu",
+    F.embedding_bag: "embedding_bag",
     F.max_pool1d: "max_pool", F.max_pool2d: "max_pool", F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool",
     F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
     torch.max_pool1d: "max_pool", torch.max_pool2d: "max_pool", torch.avg_pool1d: "avg_pool",

@@ -80,13 +80,34 @@ def cmd_ops(args) -> int:
         if args.engine not in available():
             raise QcastError(f"int8 engine {args.engine!r} is not in this PyTorch build; its engines: {available()}")
         rows = [k for k in rows if args.engine in k.engines or "native" in k.engines]
-    print(f"{'op':<20} {'backend':<8} {'kind':<12} {'engines':<28} notes")
+    columns = backend_columns(table, args.backend)
+    print(f"{'op':<20} {'table':<6} {'kind':<12} " + "".join(f"{name:<12}" for name, _ in columns)
+          + f"{'engines':<28} notes")
     for k in rows:
-        print(f"{k.op:<20} {k.backend:<8} {k.kind:<12} {','.join(k.engines):<28} {k.notes}")
+        print(f"{k.op:<20} {k.backend:<6} {k.kind:<12} " + "".join(f"{runs_on(b, k):<12}" for _, b in columns)
+              + f"{','.join(k.engines):<28} {k.notes}")
     where = (f" on engine {args.engine}" if args.engine else "") + executor
-    print(f"\n{len(rows)} int8 ops{where} ('native': the op's kernel runs on whichever engine is in use). Every other "
-          "op runs in float with dequantize/quantize inserted around it, and qcast.explain() says so per op.")
+    print(f"\n{len(rows)} int8 ops{where} ('native': the op's kernel runs on whichever engine is in use). Per backend "
+          "column: int8 (its own int8 kernel, or the engine given the op between quantize/dequantize points), "
+          "torch-int8 (not given to the engine, run by the torch kernel between its stages), float (the engine runs "
+          "it in float), torch (float, in torch). Every other op runs in float with dequantize/quantize inserted "
+          "around it, and qcast.explain() says so per op, reading back what each engine compiled.")
     return 0
+
+
+def backend_columns(table: str | None, only: str | None = None) -> list:
+    """``(name, Backend)`` of every registered backend (installed or not: its declarations say what it would run)
+    that executes the plans of kernel table ``table`` (None: any), or just ``only``."""
+    from .backends import registered
+    table_of = registered()
+    names = [only] if only else sorted((n for n, b in table_of.items() if table is None or b.kernels == table),
+                                      key=lambda n: (n != "torch", n))  # the reference executor first
+    return [(n, table_of[n]) for n in names]
+
+
+def runs_on(backend, kernel) -> str:
+    """A backend's cell of the ``qcast ops`` table for one kernel-table entry ('-': it executes another table)."""
+    return backend.runs(kernel.op, kernel.kind) if backend.kernels == kernel.backend else "-"
 
 
 def _config(args):

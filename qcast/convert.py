@@ -190,15 +190,30 @@ def example_call(gm: fx.GraphModule) -> tuple[tuple, dict]:
     from .capture import TensorMeta
 
     args = []
+    offsets = bag_offsets(gm)
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             meta = n.meta.get("qcast_val")
             if isinstance(meta, TensorMeta):
-                make = torch.randn if meta.dtype.is_floating_point else torch.ones
+                make = (torch.randn if meta.dtype.is_floating_point else torch.zeros if n in offsets
+                        else torch.ones)
                 args.append(make(meta.shape, dtype=meta.dtype))
             else:
                 args.append(n.args[0] if n.args else None)
     return tuple(args), {}
+
+
+def bag_offsets(gm: fx.GraphModule) -> set:
+    """The placeholders an embedding bag reads as its offsets: the example call gives them zeros (every bag starts at
+    0, valid offsets for any number of indices; ones are not: offsets[0] must be 0)."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.meta.get("qcast_op") == "embedding_bag":
+            at = 1 if n.op == "call_module" else 2
+            o = n.args[at] if len(n.args) > at else n.kwargs.get("offsets")
+            if isinstance(o, fx.Node) and o.op == "placeholder":
+                out.add(o)
+    return out
 
 
 def records(qdq: fx.GraphModule, opaque: dict[str, str]) -> tuple[OpInfo, ...]:

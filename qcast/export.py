@@ -18,6 +18,10 @@ from .quantized import QuantizedModel
 FORMATS = {".onnx": "ONNX (canonical QDQ, for ONNX Runtime)", ".xml": "OpenVINO IR (.xml + .bin)"}
 
 
+def _op_of(qdq, name: str) -> str:
+    return next(n.meta.get("qcast_op", "") for n in qdq.graph.nodes if n.meta.get("qcast_name", n.name) == name)
+
+
 def export(qmodel: QuantizedModel, path: str | os.PathLike) -> str:
     """Write ``qmodel`` as the engine file its extension names (``.onnx`` or ``.xml``); returns the path."""
     from .convert import example_call
@@ -35,7 +39,14 @@ def export(qmodel: QuantizedModel, path: str | os.PathLike) -> str:
                                "yet (files keep the torch backend's lowering): export the model returned by "
                                "qcast.quantize/convert")
     from .backends import get_backend
-    get_backend("onnxruntime" if ext == ".onnx" else "openvino")  # UnsupportedError with the pip command if missing
+    engine = "onnxruntime" if ext == ".onnx" else "openvino"
+    backend = get_backend(engine)  # UnsupportedError with the pip command if missing
+    held = [n.meta.get("qcast_name", n.name) for n in qdq.graph.nodes if n.meta.get("qcast_op") in backend.torch_ops]
+    if held:
+        raise UnsupportedError(f"export({path!r}): {held[:3]} ({', '.join(sorted({_op_of(qdq, h) for h in held}))}) "
+                               f"cannot go into a {ext} file: {engine}'s converter fails on them, and the {engine} "
+                               "backend runs them in torch between its stages. Use qcast.save() and "
+                               f"qcast.load(path, backend={engine!r}), or keep them out of the model")
     args, kwargs = example_call(qdq)
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.TemporaryDirectory(dir=folder, prefix=".qcast-export-") as tmp:

@@ -16,6 +16,8 @@ from .backends.torch.kernels.base import input_meta
 from .backends.torch.kernels.engines import available
 
 HIDDEN_OPS = {"getitem", "size", "dim", "contiguous"}
+#: ops whose value is a tuple of tensors (unpacked by getitem nodes) that still get an explain() row
+TUPLE_OPS = ("chunk", "split", "unbind", "lstm", "gru")
 
 
 @dataclass
@@ -55,7 +57,7 @@ def plan_graph(gm: fx.GraphModule, config: QuantConfig, opaque: dict[str, str]) 
         p = Plan(name=name, op=op, path=path, fused=fused)
         node.meta["qcast_plan"] = p
         meta = node.meta.get("qcast_val")
-        tensor_out = isinstance(meta, TensorMeta) or (op in ("chunk", "split", "unbind") and isinstance(meta, (tuple, list)))
+        tensor_out = isinstance(meta, TensorMeta) or (op in TUPLE_OPS and isinstance(meta, (tuple, list)))
         # a layer with weights returning a structure (nn.LSTM/GRU: (output, state)) is a row too, with its reason
         weighted = mod is not None and any(True for _ in itertools.chain(mod.parameters(), mod.buffers()))
         p.visible = (tensor_out or weighted) and op not in HIDDEN_OPS
@@ -246,7 +248,7 @@ def _float_reason(node, p: Plan, ctx: Ctx, opaque: dict[str, str], tensor_out: b
     if reason:
         return reason
     if kernel.kind == "weight_only":  # int8 weights, float in and out: nothing to observe
-        p.engine = "native"
+        p.engine = kernel.impl.engine(node, ctx)
         return None
     inputs = kernel.impl.quant_inputs(node)
     if not inputs:

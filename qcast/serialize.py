@@ -233,8 +233,11 @@ def _init_kwargs(m: nn.Module) -> dict | None:
             kw["nonlinearity"] = m.nonlinearity
         return kw
     kw = {}
-    for name, p in inspect.signature(type(m).__init__).parameters.items():
-        if name in ("self", "device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+    init, skip = type(m).__init__, ("self", "device", "dtype")
+    if isinstance(m, (nn.LSTM, nn.GRU)):  # their __init__ takes (*args, **kwargs): RNNBase's names them (less mode)
+        init, skip = nn.RNNBase.__init__, skip + ("mode",)
+    for name, p in inspect.signature(init).parameters.items():
+        if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if name == "bias" and isinstance(getattr(m, "bias", None), (torch.Tensor, type(None))):
             kw[name] = getattr(m, "bias", None) is not None

@@ -308,3 +308,29 @@ def test_input_label_pairs_without_input_fn_say_how_to_pick_the_input():
         qcast.quantize(model, loader, progress=False)
     qmodel = qcast.quantize(model, loader, input_fn=lambda batch: batch[0], progress=False, check_speed=False)
     assert all(r.precision == "int8" for r in qcast.explain(qmodel) if r.op == "conv2d")
+
+
+def test_recurrent_layer_is_one_leaf_whose_tuple_value_is_unpacked():
+    """fx keeps an nn.LSTM as one call_module node whose value is ``(out, (h, c))``; getitem nodes unpack it and the
+    layer gets one explain() row."""
+    from qcast.capture import capture
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(4, 8, num_layers=2), nn.Linear(8, 2)
+
+        def forward(self, x):
+            out, (h, c) = self.lstm(x)
+            return self.fc(out + h[-1]), c
+
+    model = Seq().eval()
+    x = torch.randn(5, 3, 4)
+    cap = capture(model, (x,), {})
+    calls = [n for n in cap.gm.graph.nodes if n.op == "call_module" and n.target.startswith("lstm")]
+    assert [n.target for n in calls] == ["lstm"] and calls[0].meta["qcast_op"] == "lstm"
+    assert {u.target.__name__ for u in calls[0].users} == {"getitem"}
+    q = qcast.quantize(model, [x], backend="torch")
+    assert [r.name for r in qcast.explain(q) if r.op == "lstm"] == ["lstm"]
+    same_structure(model(x), q(x))
+    assert min(leaf_sqnrs(model(x), q(x))) >= 25.0

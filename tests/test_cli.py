@@ -89,3 +89,29 @@ def test_ops_for_an_engine_backend_says_it_executes_the_torch_plan(capsys):
     assert main(["ops", "--backend", "openvino"]) == 0
     out = capsys.readouterr().out
     assert "conv2d" in out and "planned by the torch kernel table and executed by openvino" in out
+
+
+def test_ops_table_has_a_column_per_backend_generated_from_the_registry_and_declarations(capsys):
+    """`qcast ops` prints, for every kernel-table entry, what each backend runs it as: Backend.runs over the registry,
+    not a hand-written table. The torch column is int8 everywhere; the engines run run-time-quantized ops (LSTM, GRU,
+    embeddings) in float unless they declare otherwise, and EmbeddingBag through the torch kernel between their
+    stages."""
+    from qcast.backends import backend_names, registered
+    _BACKENDS = registered()
+    assert main(["ops"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out[0].split()
+    names = [n for n in header if n in backend_names()]
+    assert names[0] == "torch" and set(names) == set(backend_names())
+    rows = {line.split()[0]: line.split() for line in out[1:] if line.strip() and not line.startswith(" ")
+            and line.split()[0] in {k.op for k in kernels()}}
+    assert set(rows) == {k.op for k in kernels()}
+    for k in kernels():
+        cells = rows[k.op][3:3 + len(names)]
+        assert cells == [_BACKENDS[n].runs(k.op, k.kind) for n in names], (k.op, cells)
+        assert cells[0] == "int8"
+    assert rows["lstm"][3:3 + len(names)] == ["int8" if n == "torch" else "float" for n in names]
+    assert rows["embedding_bag"][3:3 + len(names)] == ["int8" if n == "torch" else "torch-int8" for n in names]
+    if "openvino" in names:  # OpenVINO quantizes per-token linears itself, ONNX Runtime does not
+        assert rows["linear:dynamic"][3 + names.index("openvino")] == "int8"
+        assert rows["linear:dynamic"][3 + names.index("onnxruntime")] == "float"

@@ -64,3 +64,24 @@ def test_onnx_export_runs_in_onnxruntime_with_int8_kernels(quantized, tmp_path):
     import onnx
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert ops.count("QLinearConv") == 2 and "Conv" not in ops, ops  # both convs fused into int8 kernels
+
+
+@pytest.mark.parametrize("suffix, engine", [(".onnx", "onnxruntime"), (".xml", "openvino")])
+def test_export_refuses_an_op_the_engine_file_cannot_hold(tmp_path, suffix, engine):
+    """An EmbeddingBag (Backend.torch_ops of both engines: their converters fail on torch.onnx's Loop) cannot go into
+    one engine file: a clear error naming the layer and the fix, nothing written."""
+    pytest.importorskip(engine)
+
+    class Bags(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag, self.fc = torch.nn.EmbeddingBag(60, 16, mode="sum"), torch.nn.Linear(16, 4)
+
+        def forward(self, indices, offsets):
+            return self.fc(self.bag(indices, offsets))
+
+    data = [(torch.randint(0, 60, (20,)), torch.tensor([0, 4, 9, 15])) for _ in range(3)]
+    q = qcast.quantize(Bags().eval(), data, backend="torch")
+    with pytest.raises(UnsupportedError, match=r"\['bag'\] \(embedding_bag\).*qcast.save"):
+        qcast.export(q, tmp_path / f"m{suffix}")
+    assert list(tmp_path.iterdir()) == []

@@ -42,7 +42,13 @@ class Backend:
     ``float_out``: the ops whose int8 kernel can write fp32 on this engine (``True``: every op the kernel table gives
     such a kernel). Placement (``plan.place_outputs``) gives an int8 op that no int8 op reads an fp32 output only
     where the engine has one; a conv/linear without one keeps its requantized output, dequantized after it (ONNX
-    Runtime: no QLinearConv with a float output, only QGemm; its float Conv on dequantized weights is slower)."""
+    Runtime: no QLinearConv with a float output, only QGemm; its float Conv on dequantized weights is slower).
+    ``weight_only``: the ``weight_only`` ops of the kernel table (int8 weights, activations quantized at run time:
+    per-token linears, LSTM/GRU, embeddings) that this engine runs int8 itself (``True``: all of them); the QDQ graph
+    has no quantize/dequantize for such ops, so on an engine the others run in float, and its explain() says so.
+    ``torch_ops``: ops the engine is not given (its converter fails on them, measured): they run in torch, with the
+    torch kernel table's int8 kernel where it has a ``weight_only`` one, between the engine's stages
+    (``regions.lower_traced``). ``qcast ops`` prints what these declare, per backend (``runs``)."""
 
     name: str
     lower: Callable = field(repr=False)
@@ -53,6 +59,20 @@ class Backend:
     conv_add: bool | Callable[[str], bool] = True
     traces: bool = True
     float_out: bool | tuple[str, ...] = True
+    weight_only: bool | tuple[str, ...] = True
+    torch_ops: tuple[str, ...] = ()
+
+    def runs(self, op: str, kind: str) -> str:
+        """How this backend runs a kernel-table entry (``op``, ``kind``): ``"int8"`` (its own int8 kernel, or the
+        engine given the op between quantize/dequantize points), ``"torch-int8"`` (not given to the engine: the torch
+        kernel runs it int8 between the engine's stages), ``"torch"`` (run in torch, in float, between the stages) or
+        ``"float"`` (the engine runs it in float: a run-time-quantized op with no quantize/dequantize in the QDQ
+        graph). What ``qcast ops`` prints; ``explain()`` reads back what the engine compiled."""
+        if op in self.torch_ops:
+            return "torch-int8" if kind == "weight_only" else "torch"
+        if kind == "weight_only" and not (self.weight_only is True or op in self.weight_only):
+            return "float"
+        return "int8"
 
     def runs_conv_add(self, engine: str) -> bool:
         return self.conv_add(engine) if callable(self.conv_add) else bool(self.conv_add)
@@ -77,7 +97,8 @@ _BACKENDS: dict[str, Backend] = {}
 def register_backend(name: str, *, requires: str | None = None, install_hint: str = "", kernels: str = "torch",
                      explain: Callable | None = None,
                      conv_add: bool | Callable[[str], bool] = True, traces: bool = True,
-                     float_out: bool | tuple[str, ...] = True) -> Callable:
+                     float_out: bool | tuple[str, ...] = True, weight_only: bool | tuple[str, ...] = True,
+                     torch_ops: tuple[str, ...] = ()) -> Callable:
     """Decorator for a backend's ``lower(qdq, config, example_args, example_kwargs) -> nn.Module`` (``config``: the
     model's QuantConfig)."""
 
@@ -85,7 +106,8 @@ def register_backend(name: str, *, requires: str | None = None, install_hint: st
         if name in _BACKENDS:
             raise ValueError(f"backend {name!r} registered twice")
         _BACKENDS[name] = Backend(name, lower, requires, install_hint, kernels, explain or _same_rows, conv_add,
-                                  traces, float_out)
+                                  traces, float_out, tuple(weight_only) if weight_only is not True else True,
+                                  tuple(torch_ops))
         return lower
 
     return deco
@@ -99,6 +121,12 @@ def _load() -> None:
 def backend_names() -> list[str]:
     _load()
     return sorted(_BACKENDS)
+
+
+def registered() -> dict[str, Backend]:
+    """Every registered backend by name, installed or not (what each declares is known without its engine)."""
+    _load()
+    return dict(_BACKENDS)
 
 
 def get_backend(name: str) -> Backend:
@@ -145,5 +173,5 @@ def kernel_table(backend: str) -> str:
     return "torch" if backend in ("torch", "auto") else get_backend(backend).kernels
 
 
-__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "kernel_table", "conv_add_rule",
+__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "registered", "kernel_table", "conv_add_rule",
            "check_traceable", "dynamic_linears"]

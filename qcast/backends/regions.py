@@ -168,6 +168,8 @@ def lower_traced(backend, qdq: fx.GraphModule, config, example_args: tuple, exam
     uncaptured regions and the ops the engine reports it cannot convert (``unconverted``) running in torch between the
     stages it lowers."""
     in_torch: dict[fx.Node, str] = {n: "region" for n in uncaptured(qdq)}
+    in_torch.update({n: f"aten::{n.meta['qcast_op']}" for n in qdq.graph.nodes  # declared: its converter fails on them
+                     if n.meta.get("qcast_op") in backend.torch_ops and n.op in ("call_module", "call_function")})
     for _ in range(MAX_SPLITS):
         try:
             if not in_torch:
@@ -218,6 +220,12 @@ def lower_split(backend, qdq: fx.GraphModule, config, example_args: tuple, examp
                     if a.op == "get_attr" and a not in env:
                         env[a] = graph.node_copy(a)
                         root[a.target] = _attr(qdq, a.target)
+                kernel = _torch_kernel(n, qdq, config)
+                if kernel is not None:  # a run-time-quantized op the engine is not given: the torch kernel, int8
+                    target = f"qcast_torch_{n.name}"
+                    root[target] = kernel[0]
+                    env[n] = graph.call_module(target, fx.map_arg(kernel[1], env.__getitem__))
+                    continue
                 env[n] = graph.node_copy(n, env.__getitem__)
                 if n.op == "call_module":
                     root[n.target] = qdq.get_submodule(n.target)
@@ -249,6 +257,16 @@ def lower_split(backend, qdq: fx.GraphModule, config, example_args: tuple, examp
     return split
 
 
+def _torch_kernel(n: fx.Node, qdq: fx.GraphModule, config):
+    """``(kernel module, args)`` of the torch kernel table's ``weight_only`` int8 kernel for a node run in torch between
+    an engine's stages (it quantizes at run time, so it needs nothing from the QDQ graph), else None."""
+    from .context import Ctx
+    plan = Ctx.plan(n)
+    if plan is None or plan.precision != "int8" or plan.kind != "weight_only" or not hasattr(plan.kernel.impl, "build"):
+        return None
+    return plan.kernel.impl.build(n, Ctx(qdq, config))
+
+
 def _what(in_torch: dict) -> str:
     regions = [n.target for n, why in in_torch.items() if why == "region"]
     ops = sorted({why for why in in_torch.values() if why != "region"})
@@ -270,6 +288,10 @@ def stage_times(lowered: nn.Module, sub: fx.GraphModule, args: tuple) -> tuple[f
 def _attr(root: nn.Module, target: str):
     from ..capture import attr_at
     return attr_at(root, target)
+
+
+def _torch_kernel_ran(split: fx.GraphModule, node_name: str) -> bool:
+    return hasattr(split, f"qcast_torch_{node_name}")
 
 
 def is_split(lowered: nn.Module) -> bool:
@@ -304,6 +326,10 @@ def explain(split: fx.GraphModule, backend, rows: list[tuple[str, object]]) -> t
         elif why is None:  # getitem / getattr of a value computed in torch
             out[i] = OpInfo(row.name, row.op, "float", "torch-float",
                             f"{row.reason}; reads a value computed in torch, between the {split.qcast_engine} stages")
+        elif why != "region" and row.precision == "int8" and _torch_kernel_ran(split, node):
+            out[i] = OpInfo(row.name, row.op, "int8", f"torch:{row.engine}",
+                            f"{row.reason}; not given to {split.qcast_engine} (its converter cannot take {why}), "
+                            "run by the torch backend's int8 kernel between the {split.qcast_engine} stages")
         elif why != "region":
             out[i] = OpInfo(row.name, row.op, "float", "torch-float",
                             f"{row.reason}; {split.qcast_engine} cannot convert {why}: runs in torch between the "

@@ -33,6 +33,10 @@ def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return _db(ref.pow(2).sum().item(), (ref - out).pow(2).sum().item())
 
 
+#: ops whose value is ``(output sequence, state)``: compared on the output sequence
+SEQUENCE_OPS = ("lstm", "gru")
+
+
 def _leaves(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -254,6 +258,8 @@ def compare(model: nn.Module, qmodel: QuantizedModel, inputs: Any, *, num_batche
                 if name not in fr.values or name not in qr.values:
                     continue
                 fv, qv = fr.values[name], qr.values[name]
+                if rec.op in SEQUENCE_OPS:  # (out, state): the row is about the output sequence
+                    fv, qv = _leaves(fv)[0], _leaves(qv)[0]
                 if not isinstance(fv, torch.Tensor) or not isinstance(qv, torch.Tensor):
                     continue
                 s = acc.setdefault(name, {"sig": 0.0, "noise": 0.0, "isig": 0.0, "inoise": 0.0, "sat": 0, "n": 0, "range": None})
@@ -322,6 +328,7 @@ def _isolated(s, kernel, qargs, fgm, name, fr: _Recorder, fv):
         out = kernel(*[requant(fa, qa) for fa, qa in zip(fargs, qargs)])
     except Exception:  # noqa: BLE001 - isolation is best effort; the accumulated figure stands
         return
+    out = out if isinstance(out, torch.Tensor) else _leaves(out)[0]  # a recurrent layer: (out, state)
     s["isig"] += fv.double().pow(2).sum().item()
     s["inoise"] += (fv.double() - _float(out).double()).pow(2).sum().item()
 

@@ -229,7 +229,7 @@ def test_backend_entry_reads_well():
     entry = get_backend("onnxruntime")
     assert repr(entry) == ("Backend(name='onnxruntime', requires='onnxruntime', install_hint='pip install "
                            "\"qcast[onnxruntime]\"', kernels='torch', conv_add=False, traces=True, "
-                           "float_out=('linear',))")
+                           "float_out=('linear',), weight_only=(), torch_ops=('embedding_bag',))")
     assert get_backend("torch").conv_add and not get_backend("torch").traces
     assert get_backend("torch").writes_float("conv2d")
     assert entry.writes_float("linear") and not entry.writes_float("conv2d")

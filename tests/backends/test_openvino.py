@@ -204,4 +204,5 @@ def test_backend_entries_read_well():
     ov = get_backend("openvino")
     assert ov.available() and dataclasses.is_dataclass(ov)
     assert repr(ov) == ("Backend(name='openvino', requires='openvino', install_hint='pip install \"qcast[openvino]\"', "
-                        "kernels='torch', conv_add=True, traces=True, float_out=True)")
+                        "kernels='torch', conv_add=True, traces=True, float_out=True, weight_only=('linear:dynamic',), "
+                        "torch_ops=('embedding_bag',))")

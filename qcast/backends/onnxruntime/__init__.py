@@ -69,6 +69,26 @@ def optimized_session(model_bytes: bytes, threads: int):
     return session, optimized
 
 
+#: ORT op types that compute on int8 operands (how explain() tells an int8 node from a float one, read back)
+#: ONNX op types that move or shape data around an op's computation (not what explain() reports)
+PLUMBING = frozenset({"Transpose", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "ConstantOfShape", "Reshape",
+                      "Cast", "Slice", "Expand", "Identity"})
+INT8_PREFIXES = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize", "QAttention", "QEmbed")
+
+
+def scoped_ops(optimized, qdq) -> dict[str, tuple[str, ...]]:
+    """Module path -> the op types of the nodes of ORT's optimized model under that module's scope
+    (``/gm/lstm/LSTM`` -> ``'lstm': ('LSTM', ...)``), for the ops explain() reads back by scope (run-time-quantized
+    layers: LSTM, GRU, embeddings)."""
+    modules = {name for name, _ in qdq.named_modules() if name}
+    out: dict[str, list[str]] = {}
+    for node in optimized.graph.node:
+        scope = ".".join(node.name.strip("/").split("/")[1:-1])
+        if scope in modules:
+            out.setdefault(scope, []).append(node.op_type)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def fused_layers(optimized) -> dict[str, str]:
     """Module path -> ORT op type of every conv/linear in ORT's optimized model, found by its weight initializer
     (``<path>.weight_int8``, named by ``canonical``) or, where ORT folded a transpose into a renamed copy of that
@@ -120,8 +140,9 @@ class ONNXRuntimeModule(nn.Module):
 
     def __init__(self, session, signature: inspect.Signature, in_spec, out_spec, layers: dict[str, str],
                  names: dict[str, str], residual: frozenset = frozenset(), dynamic: frozenset = frozenset(),
-                 matmuls: int = 0, run_time: frozenset = frozenset()):
+                 matmuls: int = 0, run_time: frozenset = frozenset(), scoped: dict | None = None):
         super().__init__()
+        self.scoped = scoped or {}  # module path -> op types of ORT's optimized nodes in its scope (scoped_ops)
         self.matmuls = matmuls  # int8 matmuls of two activations in ORT's optimized model (activation_matmuls)
         self.dynamic = dynamic  # module paths of the per-token dynamic linears (float MatMuls here)
         self.run_time = run_time  # explain() row names of ops the torch backend quantizes at run time (weight_only)
@@ -169,7 +190,13 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
     planned = sum(1 for r in rows if r.op in ("matmul", "bmm") and r.precision == "int8")
     for r in rows:
         if r.name in lowered.run_time and lowered.names.get(r.name) not in lowered.dynamic:  # dynamic: below
-            out.append(run_time_row(r, "ONNX Runtime", "onnxruntime"))
+            ops = lowered.scoped.get(lowered.names.get(r.name), ())
+            int8 = [op for op in ops if op.startswith(INT8_PREFIXES)]
+            if int8:  # read back: ORT's optimized model runs it on an int8 op after all
+                out.append(OpInfo(r.name, r.op, "int8", f"onnxruntime:{'/'.join(int8)}", r.reason))
+            else:
+                main = sorted({op for op in ops if op not in PLUMBING})
+                out.append(run_time_row(r, "ONNX Runtime", "onnxruntime", "/".join(main) + " (float)" if main else ""))
             continue
         target = lowered.names.get(r.name)
         if r.op in ("matmul", "bmm") and r.precision == "int8" and lowered.matmuls < planned:
@@ -205,8 +232,14 @@ def explain(lowered: ONNXRuntimeModule, rows) -> tuple[OpInfo, ...]:
     return tuple(out)
 
 
+#: ops ONNX Runtime is not given (``Backend.torch_ops``): torch.onnx exports an EmbeddingBag as a Loop that ONNX
+#: Runtime rejects ("Nodes in a graph must be topologically sorted", onnxruntime 1.32); they run in torch between its
+#: stages
+TORCH_OPS = ("embedding_bag",)
+
+
 @register_backend("onnxruntime", requires="onnxruntime", install_hint='pip install "qcast[onnxruntime]"', conv_add=False,
-                  float_out=("linear",), explain=explain)
+                  float_out=("linear",), explain=explain, weight_only=(), torch_ops=TORCH_OPS)
 def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict) -> ONNXRuntimeModule:
     from ...nn import FusedConv
     from ..context import Ctx
@@ -218,7 +251,7 @@ def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict
     residual = frozenset(path for path, m in qdq.named_modules() if isinstance(m, FusedConv) and m.add)
     return ONNXRuntimeModule(session, exported.signature, exported.in_spec, exported.out_spec,
                              layer_ops(optimized), names, residual, frozenset(dynamic_linears(qdq)),
-                             activation_matmuls(optimized), run_time_ops(qdq))
+                             activation_matmuls(optimized), run_time_ops(qdq), scoped_ops(optimized, qdq))
 
 
 __all__ = ["export_qdq_onnx", "lower", "explain", "ONNXRuntimeModule", "fused_layers"]

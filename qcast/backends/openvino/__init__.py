@@ -290,7 +290,13 @@ def explain(lowered: OpenVINOModule, rows) -> tuple[OpInfo, ...]:
     out = []
     for r in rows:
         if r.name in lowered.run_time and lowered.names.get(r.name) not in lowered.dynamic:  # dynamic: run int8 below
-            out.append(run_time_row(r, "OpenVINO", "openvino"))
+            found = {layer for layer in by_path.get(lowered.names.get(r.name), set()) if layer[0] not in PLUMBING}
+            int8 = sorted({f"{k} in {p}" for k, p in found if p in ("u8", "i8")})
+            if int8:  # read back: the engine compiled it int8 after all
+                out.append(OpInfo(r.name, r.op, "int8", "openvino:" + "/".join(sorted({p for _, p in found})),
+                                  f"{r.reason}; OpenVINO compiled it as {', '.join(int8)}"))
+            else:
+                out.append(run_time_row(r, "OpenVINO", "openvino", ", ".join(sorted(f"{k} in {p}" for k, p in found))))
             continue
         target = lowered.names.get(r.name)
         found = (by_path.get(target, set()) | by_path.get(f"{target}.conv", set())) if target else set()
@@ -345,12 +351,20 @@ def run_time_ops(qdq: fx.GraphModule) -> frozenset:
                      and p.kind == "weight_only")
 
 
-def run_time_row(r: OpInfo, engine: str, tag: str) -> OpInfo:
-    """The explain() row of a ``run_time_ops`` op on an engine, which runs it in float."""
+#: OpenVINO runtime layer types that move or shape data around an op's computation (not what explain() reports)
+PLUMBING = frozenset({"Reshape", "Broadcast", "Gather", "ShapeOf", "Concatenation", "Transpose", "Reorder", "Input",
+                      "Output", "Const", "Convert"})
+
+
+def run_time_row(r: OpInfo, engine: str, tag: str, compiled: str = "") -> OpInfo:
+    """The explain() row of a ``run_time_ops`` op on an engine, which runs it in float (``compiled``: what the engine's
+    compiled model says it runs it as, read back: ``RNNSeq in f32``)."""
+    hint = ("QuantConfig(activation='int8') gives it static int8 activations, which engines run int8" if r.op == "linear"
+            else "backend='torch' runs it int8")
+    seen = f"; read back: {engine} runs it as {compiled}" if compiled else ""
     return OpInfo(r.name, r.op, "float", f"{tag}-float",
                   f"planned int8 for the torch backend ({r.reason}), whose kernel quantizes it at run time; the QDQ "
-                  f"graph has no quantize/dequantize for it, so {engine} runs it in float (QuantConfig(activation="
-                  "'int8') gives it static int8 activations, which engines run int8)")
+                  f"graph has no quantize/dequantize for it, so {engine} runs it in float{seen} ({hint})")
 
 
 def to_openvino(qdq: fx.GraphModule, example_args: tuple, example_kwargs: dict):
@@ -501,7 +515,13 @@ def settings(qdq: fx.GraphModule, threads: int) -> dict:
     return out
 
 
-@register_backend("openvino", requires="openvino", install_hint='pip install "qcast[openvino]"', explain=explain)
+#: ops OpenVINO is not given (``Backend.torch_ops``): its ONNX front end rejects the Loop torch.onnx exports for an
+#: EmbeddingBag ("node not found in graph cache", OpenVINO 2026.4); they run in torch between its stages
+TORCH_OPS = ("embedding_bag",)
+
+
+@register_backend("openvino", requires="openvino", install_hint='pip install "qcast[openvino]"', explain=explain,
+                  weight_only=("linear:dynamic",), torch_ops=TORCH_OPS)
 def lower(qdq: fx.GraphModule, config, example_args: tuple, example_kwargs: dict) -> OpenVINOModule:
     import openvino as ov
 
