@@ -265,7 +265,10 @@ def accuracy_aware(model: nn.Module, calls: list, config: QuantConfig, backend: 
     else:
         best = max(steps, key=lambda s: (s.metric, -len(s.float_layers)))
     qbest = local.get(frozenset(best.float_layers))
-    if final_backend != backend or qbest is None:  # lowered to the final backend, or evaluated on another rank
+    from .distributed import group
+    # lowered to the final backend; or, under a process group, re-quantized by every rank together (calibration is a
+    # collective there: a rank that evaluated the chosen model cannot skip it while the others calibrate)
+    if final_backend != backend or qbest is None or group.active():
         cfg = config.replace(backend=final_backend, skip=tuple(config.skip) + tuple(exact(n) for n in best.float_layers))
         qbest, _ = quantize_calls(model, first, iter(rest), cfg, final_backend, False, len(calls))
     local.clear()

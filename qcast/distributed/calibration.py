@@ -31,7 +31,20 @@ def reduce_observed(observed, carried: bool) -> None:
         return
     from ..observers import EMAObserver, HistogramObserver
 
-    observers = [o for _, o in observed.observers() if o.estimator != "fixed"]
+    named = [(name, o) for name, o in observed.observers() if o.estimator != "fixed"]
+    # the reductions below pair observers by position: ranks with another model or config (other observers) would
+    # mix statistics or abort gloo on a size mismatch, so the layouts are compared first (one small object per rank)
+    import hashlib
+    layout = hashlib.sha256(repr([(name, type(o).__name__, o.estimator, getattr(o, "bins", None))
+                                  for name, o in named]).encode()).hexdigest()
+    layouts = group.all_gather_object(layout)
+    odd = [r for r, h in enumerate(layouts) if h != layouts[0]]
+    if odd:
+        from ..errors import DistributedError
+        raise DistributedError(f"calibration: rank(s) {odd} of {len(layouts)} observe other tensors than rank 0 (another "
+                               "model, config or skip list): every rank must call qcast with the same model and config "
+                               "and only its own shard of the data")
+    observers = [o for _, o in named]
     local_batches = [o.batches for o in observers]
     n = len(observers)
     # min / max / batches

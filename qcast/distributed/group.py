@@ -13,6 +13,7 @@ qcast's phases end in ``check_ranks(error)``: every rank reports whether it fail
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from typing import Any, Iterable, Iterator
 
@@ -44,8 +45,26 @@ def ensure_group() -> None:
         dist.init_process_group("gloo")
 
 
+_LOCAL: contextvars.ContextVar[bool] = contextvars.ContextVar("qcast_distributed_local", default=False)
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Within this block this rank works alone, as one process (no collective): for work one rank does on behalf of
+    the job, such as one candidate of a sensitivity analysis or a step of the accuracy search (``search.split``),
+    where a collective calibration would wait forever for ranks busy with other candidates."""
+    token = _LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
+
+
 def active() -> bool:
-    """True inside an initialised process group of two or more ranks (else qcast behaves as one process)."""
+    """True inside an initialised process group of two or more ranks (else qcast behaves as one process), outside a
+    ``local()`` block."""
+    if _LOCAL.get():
+        return False
     dist = _dist()
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

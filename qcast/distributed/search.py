@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import errors
+from . import group as rank_group
 from ..errors import DistributedError, QcastError
 
 #: seconds a rank waits at an exchange for the others before failing (env QCAST_DIST_TIMEOUT overrides)
@@ -50,7 +51,10 @@ class World:
 
 
 def world() -> World | None:
-    """The process group this call runs under, or None (not initialised, or a single rank): then nothing is split."""
+    """The process group this call runs under, or None (not initialised, a single rank, or inside another rank-local
+    task, ``group.local()``): then nothing is split."""
+    if rank_group._LOCAL.get():
+        return None
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch built without distributed
@@ -185,7 +189,8 @@ def split(n: int, fn: Callable[[int], Any], *, what: str, counts: Callable[[int]
         if _failed_elsewhere(w, prefix):
             break
         try:
-            mine[i] = fn(i)
+            with rank_group.local():  # this rank's task alone: a calibration inside it is not a collective
+                mine[i] = fn(i)
         except Exception as e:  # noqa: BLE001 - sent to every rank below, then raised everywhere
             local_exc = e
             failure = (w.rank, type(e).__name__, str(e))
