@@ -48,13 +48,21 @@ def converted(name: str):
 @pytest.mark.parametrize("batch", [1, 8])
 def test_onnxruntime_runs_the_qdq_graph(name, batch):
     model, input_fn, qdq, q_torch, q_ort = converted(name)
-    x = input_fn(batch=batch, seed=10_000)
-    with torch.no_grad():
-        ref, sim, out_torch, out = model(x), qdq(x), q_torch(x), q_ort(x)
-    same_structure(ref, out)
-    for s_sim in leaf_sqnrs(sim, out):
-        assert_sqnr(s_sim, SIM_THRESHOLD, f"{name} batch {batch}: onnxruntime vs QDQ simulation")
-    for s_ort, s_torch in zip(leaf_sqnrs(ref, out), leaf_sqnrs(ref, out_torch)):
+    # at batch 1, four images: one image's gap between two int8 executors swings with its rounding flips (MobileNetV2,
+    # AMD EPYC: ONNX Runtime 0.2-1.2 dB under the torch backend over six images, -0.6 on one, 0.6 on the mean)
+    ort_db, torch_db = [], []
+    for i in range(4 if batch == 1 else 1):
+        x = input_fn(batch=batch, seed=10_000 + i)
+        with torch.no_grad():
+            ref, sim, out_torch, out = model(x), qdq(x), q_torch(x), q_ort(x)
+        same_structure(ref, out)
+        for s_sim in leaf_sqnrs(sim, out):
+            assert_sqnr(s_sim, SIM_THRESHOLD, f"{name} batch {batch}: onnxruntime vs QDQ simulation")
+        ort_db.append(leaf_sqnrs(ref, out))
+        torch_db.append(leaf_sqnrs(ref, out_torch))
+    for leaf in range(len(ort_db[0])):
+        s_ort = sum(d[leaf] for d in ort_db) / len(ort_db)
+        s_torch = sum(d[leaf] for d in torch_db) / len(torch_db)
         assert s_ort >= s_torch - FLOAT_MARGIN, f"onnxruntime {s_ort:.2f} dB from float, torch backend {s_torch:.2f}"
 
 
