@@ -162,6 +162,10 @@ _SAFE_DUNDERS = frozenset({"__getitem__", "__add__", "__radd__", "__sub__", "__r
                            "__truediv__", "__rtruediv__", "__floordiv__", "__matmul__", "__neg__", "__pow__"})
 
 
+#: ATen operators whose names are dunders (``torch.ops.aten.__and__.Tensor``), callable from a saved graph
+_ATEN_DUNDER_OPS = frozenset({"__and__", "__or__", "__xor__", "__lshift__", "__rshift__"})
+
+
 def _refuse(what: str) -> FormatError:
     return FormatError(f"the saved graph {what}: refusing to load (qcast never writes that; the file was tampered "
                        "with or is not from qcast.save)")
@@ -186,7 +190,12 @@ def _resolve_fn(name: str, allowed_modules: set[str]):
             raise _refuse(f"calls builtins.{fn}")
         return getattr(builtins, fn)
     mod_name, _, qual = name.partition(":")
-    if any(p.startswith("__") for p in qual.split(".")):
+    parts = qual.split(".")
+    # ATen's own operator names (torch.export graphs call aten.__and__.Tensor for a mask's `&`): looked up among the
+    # operators of the namespace, never as a Python attribute of an object
+    aten_dunder = mod_name == "torch.ops" and len(parts) >= 2 and parts[1] in _ATEN_DUNDER_OPS and \
+        not any(p.startswith("__") for p in parts[:1] + parts[2:])
+    if not aten_dunder and any(p.startswith("__") for p in parts):
         raise _refuse(f"calls {name}")
     if mod_name.startswith(_UNSAFE_TORCH) or (mod_name.split(".")[0] == "torch" and qual.split(".")[-1] in _UNSAFE_TORCH_NAMES):
         raise _refuse(f"calls {name}")

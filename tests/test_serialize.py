@@ -278,3 +278,16 @@ def test_functions_saved_under_an_earlier_module_name_still_resolve():
 
     assert _resolve_fn("qcast.kernels.attention:masked_softmax", set()) is masked_softmax
     assert _resolve_fn("qcast.nn:masked_softmax", set()) is masked_softmax
+
+
+def test_aten_operators_named_like_dunders_resolve_and_other_dunders_are_refused():
+    """torch.export graphs call ``aten.__and__.Tensor`` (a mask's ``&``): the loader resolves it among ATen's
+    operators; any other dunder in a saved target (``__class__``, ``__subclasses__``) stays refused."""
+    from qcast.errors import FormatError
+    from qcast.serialize import _resolve_fn
+
+    assert _resolve_fn("torch.ops:aten.__and__.Tensor", set()) is torch.ops.aten.__and__.Tensor
+    for bad in ("torch.ops:aten.__class__", "torch.ops:__class__.__and__", "torch.ops:aten.__and__.__class__",
+                "torch:Tensor.__subclasses__"):
+        with pytest.raises(FormatError):
+            _resolve_fn(bad, set())

@@ -379,8 +379,10 @@ def test_qmatmul_gives_the_exact_integer_products_and_restores_the_matmul_precis
 
 
 def test_exact_int_matmul_restores_the_setting_when_threads_overlap():
-    """Two threads inside at once (a server running the model concurrently): the last one out restores the
-    precision the first one in saved, whatever the order they leave in."""
+    """Alone (the main thread, no other thread alive) the exact integer matmul runs oneDNN's fp32 matmuls on bf16
+    and restores the setting after. Two threads inside at once (a server running the model concurrently): the
+    process-wide bf16 setting would also move the other threads' float matmuls (tests/test_concurrency.py), so neither
+    switches it (plain fp32, still exact) and it is unchanged after, whatever the order they leave in."""
     import threading
 
     from qcast.backends.torch.kernels.attention import exact_int_matmul
@@ -389,6 +391,12 @@ def test_exact_int_matmul_restores_the_setting_when_threads_overlap():
     if getattr(prec, "fp32_precision", None) is None:
         pytest.skip("this PyTorch has no oneDNN fp32_precision setting (QMatmul then runs plain fp32)")
     before = prec.fp32_precision
+    from qcast.backends.torch.kernels.attention import _alone
+
+    expected = "bf16" if _alone() else before  # a thread an earlier test left running counts as another thread
+    with exact_int_matmul():
+        inside = prec.fp32_precision
+    assert inside == expected and prec.fp32_precision == before
     in0, in1, left0 = threading.Event(), threading.Event(), threading.Event()
     seen = []
 
@@ -399,16 +407,16 @@ def test_exact_int_matmul_restores_the_setting_when_threads_overlap():
             seen.append(prec.fp32_precision)
         left0.set()
 
-    def second():  # in second, out last: must not restore the bf16 it found on entry
+    def second():  # in second, out last
         in0.wait(30)
         with exact_int_matmul():
             in1.set()
             left0.wait(30)
-            seen.append(prec.fp32_precision)  # the other thread has left: still bf16 while this one is inside
+            seen.append(prec.fp32_precision)
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert seen == ["bf16", "bf16"]
+    assert seen == [before, before]
     assert prec.fp32_precision == before
