@@ -48,6 +48,39 @@ class KernelImpl:
         return ""
 
 
+#: a layer's int8 result must agree with exact integer arithmetic to this SQNR (dB) on the probe input; an 8-bit
+#: requantized output measures 30-33 dB there (an fp32 output: > 100 dB), the broken kernels below 10 dB
+PROBE_MIN_SQNR = 25.0
+
+
+def check_probe(ref, out, kernel: str = "int8") -> None:
+    """Raise if ``out`` (the engine's result on the probe input, dequantized) is further than ``PROBE_MIN_SQNR`` from
+    ``ref`` (the same int8 values computed in float): the engine computes this layer wrong."""
+    import math
+
+    err = float((ref - out).pow(2).mean())
+    got = 10 * math.log10(float(ref.pow(2).mean()) / err) if err > 0 else float("inf")
+    if not got >= PROBE_MIN_SQNR:
+        raise RuntimeError(f"its {kernel} kernel computes this layer wrong ({got:.1f} dB against exact int8 "
+                           "arithmetic on a probe input)")
+
+
+def first_engine(node: fx.Node, candidates, probe, none_left: str) -> str:
+    """The first of ``candidates`` for which ``probe(engine)`` does not raise; the rejected ones, with their evidence,
+    go into ``node.meta["qcast_engine_note"]`` (explain() says why the layer is not on the engine it would have had).
+    ``none_left``: the error's text when every engine is rejected."""
+    errors = []
+    for eng in candidates:
+        try:
+            probe(eng)
+            if errors:
+                node.meta["qcast_engine_note"] = "not on " + "; ".join(errors)
+            return eng
+        except Exception as e:  # noqa: BLE001 - evidence: this engine cannot run this layer
+            errors.append(f"{eng}: {str(e).splitlines()[0][:120]}")
+    raise RuntimeError(f"{none_left} (" + "; ".join(errors) + ")")
+
+
 def input_meta(node: fx.Node, ctx):
     """Shape/dtype of a node's first argument (``TensorMeta``), or None when it is not a traced tensor."""
     return ctx.meta(node.args[0]) if node.args else None

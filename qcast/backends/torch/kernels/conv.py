@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from ....nn import FusedConv
 from ....observers import quantize_weight
-from .base import KernelImpl, PackedKernelModule, input_meta, kernel_module, not_float_input
+from .base import (KernelImpl, PackedKernelModule, check_probe, first_engine, input_meta, kernel_module,
+                   not_float_input)
 from .engines import REDUCE_RANGE, auto_order, engine_scope
 from .registry import register
 
@@ -302,20 +303,9 @@ class ConvKernel(KernelImpl):
         candidates = auto_order() if wanted == "auto" else [wanted]
         if add:  # conv2d_add[_relu] only exists on onednn
             candidates = [e for e in candidates if e == "onednn"]
-        errors = []
-        for eng in candidates:
-            try:
-                ConvKernel._try(mod, ctx.meta(node.args[0]).shape, eng)
-                if errors:  # explain() says why the layer is not on the engine it would have had
-                    node.meta["qcast_engine_note"] = "not on " + "; ".join(errors)
-                return eng
-            except Exception as e:  # noqa: BLE001 - evidence: this engine cannot run this layer
-                errors.append(f"{eng}: {str(e).splitlines()[0][:120]}")
-        raise RuntimeError("no int8 engine accepts this layer (" + "; ".join(errors) + ")")
-
-    #: a layer's int8 result must agree with exact integer arithmetic to this SQNR (dB) on the probe input; an 8-bit
-    #: requantized output measures 30-33 dB there (an fp32 output: > 100 dB), the broken kernels below 10 dB
-    PROBE_MIN_SQNR = 25.0
+        shape = ctx.meta(node.args[0]).shape
+        return first_engine(node, candidates, lambda eng: ConvKernel._try(mod, shape, eng),
+                            "no int8 engine accepts this layer")
 
     @staticmethod
     def _try(mod, shape, engine):
@@ -352,11 +342,7 @@ class ConvKernel(KernelImpl):
         outs = [QConv.from_float(mod, scale, zp, engine), QConv.from_float(mod, None, None, engine)]
         for q in outs:
             y = q(x, acc.clone()) if q.add else q(x)
-            err = (ref - (y.dequantize() if y.is_quantized else y)).pow(2).mean()
-            got = float(10 * torch.log10(ref.pow(2).mean() / err)) if err > 0 else float("inf")
-            if not got >= ConvKernel.PROBE_MIN_SQNR:
-                raise RuntimeError(f"its {'fp32' if q.float_out else 'int8'}-output kernel computes this layer wrong "
-                                   f"({got:.1f} dB against exact int8 arithmetic on a probe input)")
+            check_probe(ref, y.dequantize() if y.is_quantized else y, f"{'fp32' if q.float_out else 'int8'}-output")
 
     @staticmethod
     def reduce_range(engine: str) -> bool:

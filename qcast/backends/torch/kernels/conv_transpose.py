@@ -18,7 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ....observers import fake_quant_tensor, tensor_grid
-from .base import KernelImpl, PackedKernelModule, input_meta, kernel_module, not_float_input
+from .base import (KernelImpl, PackedKernelModule, check_probe, first_engine, input_meta, kernel_module,
+                   not_float_input)
 from .engines import REDUCE_RANGE, auto_order, engine_scope
 from .registry import register
 
@@ -102,8 +103,6 @@ class QConvTranspose(PackedKernelModule):
 class ConvTransposeKernel(KernelImpl):
     #: how explain() describes its weights (plan.py)
     weights = "per-tensor s8 weights"
-    #: a layer's int8 result must agree with exact integer arithmetic to this SQNR (dB) on the probe input
-    PROBE_MIN_SQNR = 25.0
 
     @staticmethod
     def check(node: fx.Node, ctx) -> str | None:
@@ -128,16 +127,9 @@ class ConvTransposeKernel(KernelImpl):
         """The config's engine, or (``auto``) the first engine of ``auto_order`` whose probe passes."""
         wanted = ctx.setting(node, "engine")
         candidates = auto_order() if wanted == "auto" else [wanted]  # explain() gives each rejected engine's figure
-        errors = []
-        for eng in candidates:
-            try:
-                ConvTransposeKernel._try(ctx.module(node), ctx.meta(node.args[0]).shape, eng)
-                if errors:
-                    node.meta["qcast_engine_note"] = "not on " + "; ".join(errors)
-                return eng
-            except Exception as e:  # noqa: BLE001 - evidence: this engine cannot run this layer
-                errors.append(f"{eng}: {str(e).splitlines()[0][:120]}")
-        raise RuntimeError("no int8 engine computes this layer right (" + "; ".join(errors) + ")")
+        mod, shape = ctx.module(node), ctx.meta(node.args[0]).shape
+        return first_engine(node, candidates, lambda eng: ConvTransposeKernel._try(mod, shape, eng),
+                            "no int8 engine computes this layer right")
 
     @staticmethod
     def _try(mod: nn.Module, shape, engine: str) -> None:
@@ -151,12 +143,7 @@ class ConvTransposeKernel(KernelImpl):
                                   mod.output_padding, mod.groups, mod.dilation)
         span = float(ref.abs().max()) or 1.0
         q = QConvTranspose.from_float(mod, 2 * span / 255, 128, engine)
-        y = q(x).dequantize()
-        err = (ref - y).pow(2).mean()
-        got = float(10 * torch.log10(ref.pow(2).mean() / err)) if err > 0 else float("inf")
-        if not got >= ConvTransposeKernel.PROBE_MIN_SQNR:
-            raise RuntimeError(f"its int8 kernel computes this layer wrong ({got:.1f} dB against exact int8 "
-                               "arithmetic on a probe input)")
+        check_probe(ref, q(x).dequantize())
 
     @staticmethod
     def reduce_range(engine: str) -> bool:
