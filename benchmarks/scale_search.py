@@ -41,32 +41,15 @@ if __package__ in (None, ""):  # allow `python benchmarks/scale_search.py`
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-import torch.nn as nn  # noqa: E402
+
+from tests.models.planted import PlantedMLP  # noqa: E402
 
 DEPTH, WIDTH, BATCH = 24, 128, 64
 
 
-class Deep(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH))
-        with torch.no_grad():
-            for layer in self.layers:
-                layer.weight.normal_(0.0, (2.0 / WIDTH) ** 0.5)
-                layer.bias.normal_(0.0, 0.01)
-            for src in (5, 14):
-                self.layers[src].bias[0] = 1000.0
-                self.layers[src + 1].weight[:, 0] = 0.0
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
 def build(calib: int, val: int):
     torch.manual_seed(0)
-    model = Deep().eval()
+    model = PlantedMLP(DEPTH, WIDTH).eval()
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(BATCH, WIDTH, generator=g) for _ in range(calib)]
     held = [torch.randn(BATCH, WIDTH, generator=g) for _ in range(val)]

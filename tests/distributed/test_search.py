@@ -15,39 +15,18 @@ import traceback
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn as nn
 
 import qcast
 from qcast.accuracy import _next_step, _speculate
+from tests.models.planted import PlantedMLP
 
 FAST = qcast.QuantConfig(calibration="minmax")
 DEPTH = 22  # int8 compute layers: >= 20 candidates
 
 
-class Deep(nn.Module):
-    """22 linears with ReLUs. Layers 6 and 15 each read a feature with bias +1000 (from layers 5 and 14) that they
-    ignore (zero weights): their int8 input params crush every other feature, so they must stay float."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(DEPTH))
-        with torch.no_grad():
-            for layer in self.layers:  # He init, small biases: the signal keeps its scale through 22 layers
-                layer.weight.normal_(0.0, (2.0 / 16) ** 0.5)
-                layer.bias.normal_(0.0, 0.01)
-            for src in (5, 14):
-                self.layers[src].bias[0] = 1000.0
-                self.layers[src + 1].weight[:, 0] = 0.0
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
 def make():
     torch.manual_seed(0)
-    model = Deep().eval()
+    model = PlantedMLP(DEPTH, 16).eval()  # layers 6 and 15 must stay float (tests/models/planted.py)
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(8, 16, generator=g) for _ in range(3)]
     held = [torch.randn(8, 16, generator=g) for _ in range(2)]
